@@ -1,0 +1,58 @@
+"""One small helper so every job's CLI is generated from its typed dataclass config.
+
+Field help comes from ``field(metadata={"help": ...})``; defaults and types come from the
+dataclass, so ``--help`` always tells the truth about what the job will do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import typing
+from collections.abc import Sequence
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+def _arg_type(tp):
+    origin = typing.get_origin(tp)
+    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _arg_type(args[0])
+    if origin in (list, tuple):
+        return typing.get_args(tp)[0], True
+    return tp, False
+
+
+def parse_config(cls: type[T], argv: Sequence[str] | None = None, description: str | None = None) -> T:
+    """Build an argparse parser from dataclass ``cls`` and return the parsed config."""
+    parser = argparse.ArgumentParser(description=description or (cls.__doc__ or "").strip())
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        tp, is_list = _arg_type(hints[f.name])
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        help_text = f.metadata.get("help", "")
+        if tp is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+            continue
+        kwargs = dict(default=default, help=f"{help_text} (default: {default})")
+        if "choices" in f.metadata:
+            kwargs["choices"] = f.metadata["choices"]
+        if is_list:
+            kwargs.update(nargs="+", type=tp)
+        else:
+            kwargs["type"] = tp
+        parser.add_argument(flag, **kwargs)
+    ns = parser.parse_args(argv)
+    values = {f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)}
+    for f in dataclasses.fields(cls):
+        if typing.get_origin(hints[f.name]) is tuple and values[f.name] is not None:
+            values[f.name] = tuple(values[f.name])
+    return cls(**values)
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")

@@ -1,0 +1,48 @@
+"""Shared fixtures: the official-config tokenizer loaded with the golden recipe weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.golden import load_npz, recipe_state_dict
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _threads():
+    # The golden outputs were produced with 2 threads; thread count changes CNN rounding slightly.
+    torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def golden_files(tmp_path_factory):
+    """The recipe weights written as the released files would be: a flat DINOv2 .pth and a
+    tokenizer checkpoint with ``ema`` / ``model`` / ``args`` like the official trainer writes."""
+    import argparse
+
+    root = tmp_path_factory.mktemp("golden_ckpt")
+    dinov2 = recipe_state_dict("dinov2")
+    tok = recipe_state_dict("tokenizer")
+    torch.save(dinov2, root / "dinov2_vitl14_reg4_pretrain.pth")
+    args = argparse.Namespace(codebook_size=16384, codebook_slots_embed_dim=12, z_channels=512, image_size=336)
+    torch.save({"model": tok, "ema": tok, "steps": 0, "args": args}, root / "vfmtok-tokenizer.pt")
+    return root
+
+
+@pytest.fixture(scope="session")
+def golden_tokenizer(golden_files):
+    from vfmtok_core import VFMTokenizer
+
+    return VFMTokenizer.from_pretrained(
+        tokenizer=str(golden_files / "vfmtok-tokenizer.pt"),
+        dinov2=str(golden_files / "dinov2_vitl14_reg4_pretrain.pth"),
+        config="vfmtok-l14-336",
+    )
+
+
+@pytest.fixture(scope="session")
+def golden_inputs():
+    from vfmtok_core.preprocess import to_tensor
+
+    inputs = load_npz("inputs")
+    return to_tensor(inputs["images_uint8"]), inputs
