@@ -100,7 +100,7 @@ def run(cfg: ReconstructConfig) -> dict:
         "tokens_per_image": int(codes_np.shape[1]),
         "distinct_codes": int(np.unique(codes_np).size),
         "seconds": round(elapsed, 3),
-        "tokens": {n: c.tolist() for n, c in zip(names, codes_np)},
+        "tokens": [{"name": n, "tokens": c.tolist()} for n, c in zip(names, codes_np)],
     }
     (out / "tokens.json").write_text(json.dumps(summary))
     log.info(

@@ -1,8 +1,9 @@
 """PyTorch reference for the l2-normalised nearest-codebook lookup.
 
 VFMTok quantises each 12-d query against an l2-normalised codebook by the argmin of
-``|z|^2 + |e|^2 - 2 z.e`` on normalised vectors. We keep that exact formula (not the
-algebraically equal argmax of ``z.e``) so ties and near-ties resolve exactly as upstream's.
+``|z|^2 + |e|^2 - 2 z.e`` on normalised vectors. We keep that formula (not the algebraically
+equal argmax of ``z.e``) so exact ties resolve as upstream's, to the lowest index; near-ties
+within float32 rounding may still differ across devices and BLAS libraries.
 The distance matrix is built in row chunks so that a 64-image batch against 16384 codes does
 not allocate a 1 GiB N x K matrix.
 """
@@ -28,6 +29,8 @@ def codebook_lookup_torch(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tens
     """
     if z.shape[-1] != codebook.shape[-1]:
         raise ValueError(f"vector dim {z.shape[-1]} does not match codebook dim {codebook.shape[-1]}")
+    if codebook.ndim != 2 or codebook.shape[0] == 0:
+        raise ValueError(f"codebook must be a non-empty (K, d) matrix, got {tuple(codebook.shape)}")
     lead = z.shape[:-1]
     flat = F.normalize(z.reshape(-1, z.shape[-1]).float(), dim=-1)
     codes = F.normalize(codebook.float(), dim=-1)

@@ -18,6 +18,29 @@ def level_shapes(spatial_shapes: torch.Tensor) -> list[tuple[int, int]]:
     return [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
 
 
+def check_level_layout(
+    shapes: list[tuple[int, int]], level_start_index: torch.Tensor, n_levels: int, s: int
+) -> list[int]:
+    """Validate the level layout once on the host; returns the start offset of each level.
+
+    ``level_start_index`` may carry a trailing total (VFMTok's official code passes L+1 entries).
+    Like the CUDA op, levels may be stored in any order, but each must lie inside ``value``: a
+    short list or an out-of-range offset would otherwise read foreign memory or fail obscurely.
+    """
+    if len(shapes) != n_levels:
+        raise ValueError(f"spatial_shapes has {len(shapes)} levels, sampling_locations has {n_levels}")
+    sizes = [h * w for h, w in shapes]
+    if sum(sizes) != s:
+        raise ValueError(f"value has {s} positions but spatial_shapes cover {sum(sizes)}")
+    given = [int(i) for i in level_start_index.tolist()]
+    if len(given) not in (n_levels, n_levels + 1):
+        raise ValueError(f"level_start_index has {len(given)} entries for {n_levels} levels")
+    starts = given[:n_levels]
+    if any(start < 0 or start + size > s for start, size in zip(starts, sizes)):
+        raise ValueError(f"level_start_index {given} puts a level outside the {s} value positions")
+    return starts
+
+
 def ms_deform_attn_torch(
     value: torch.Tensor,
     spatial_shapes: torch.Tensor,
@@ -43,11 +66,7 @@ def ms_deform_attn_torch(
     n, s, m, d = value.shape
     _, lq, _, n_levels, n_points, _ = sampling_locations.shape
     shapes = level_shapes(spatial_shapes)
-    starts = [int(i) for i in level_start_index.tolist()[:n_levels]]
-    if len(shapes) != n_levels:
-        raise ValueError(f"spatial_shapes has {len(shapes)} levels, sampling_locations has {n_levels}")
-    if sum(h * w for h, w in shapes) != s:
-        raise ValueError(f"value has {s} positions but spatial_shapes cover {sum(h * w for h, w in shapes)}")
+    starts = check_level_layout(shapes, level_start_index, n_levels, s)
 
     value = value.to(compute)
     # grid_sample wants coordinates in [-1, 1]; one (N*M) "image" per head.
