@@ -24,7 +24,7 @@ test-all: $(VENV)/.ready-test  ## every test, including the slow ones
 	$(PY) -m pytest -q
 
 bench: $(VENV)/.ready-bench  ## benchmarks (print side-by-side ratios)
-	$(PY) -m bench.encode
+	$(PY) -m bench.encode --batch-size 2 --repeats 3 --bf16
 
 clean:
 	rm -rf out .pytest_cache

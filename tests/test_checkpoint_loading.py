@@ -174,3 +174,25 @@ def test_load_from_s3(tiny_files, s3_bucket):
     assert loaded.fingerprint == src.fingerprint
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
         load_checkpoint(f"s3://{bucket}/weights/missing.pt", opts)
+
+
+def test_load_over_http(tiny_files):
+    """http(s):// goes through fsspec's HTTP filesystem; served here from 127.0.0.1."""
+    import functools
+    import http.server
+    import threading
+
+    root, src, _, _ = tiny_files
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        loaded = VFMTokenizer.from_pretrained(tokenizer=f"{base}/tok.pt", dinov2=f"{base}/dinov2.pth", config="tiny")
+        assert loaded.fingerprint == src.fingerprint
+        with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+            load_checkpoint(f"{base}/missing.pt")
+    finally:
+        server.shutdown()
+        server.server_close()
