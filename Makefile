@@ -25,6 +25,7 @@ test-all: $(VENV)/.ready-test  ## every test, including the slow ones
 
 bench: $(VENV)/.ready-bench  ## benchmarks (print side-by-side ratios)
 	$(PY) -m bench.encode --batch-size 2 --repeats 3 --bf16
+	$(PY) -m bench.sample
 
 clean:
 	rm -rf out .pytest_cache

@@ -196,3 +196,13 @@ def test_load_over_http(tiny_files):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_decoder_only_loads_without_dinov2(tiny_files):
+    root, src, _, _ = tiny_files
+    dec = VFMTokenizer.from_pretrained(tokenizer=str(root / "tok.pt"), config="tiny", decoder_only=True)
+    assert dec.dinov2 is None and dec.fingerprint != src.fingerprint
+    codes = _codes(src)
+    assert torch.equal(dec.decode(codes), src.decode(codes))
+    with pytest.raises(RuntimeError, match="decoder_only"):
+        dec.encode(torch.zeros(1, 3, 112, 112))

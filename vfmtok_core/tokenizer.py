@@ -47,7 +47,14 @@ class TokenizerOutput:
 
 
 class VFMTokenizer(nn.Module):
-    def __init__(self, config: str | TokenizerConfig = "vfmtok-l14-336", precision: str = "fp32", backend: str = "auto"):
+    def __init__(
+        self,
+        config: str | TokenizerConfig = "vfmtok-l14-336",
+        precision: str = "fp32",
+        backend: str = "auto",
+        decoder_only: bool = False,
+    ):
+        """``decoder_only`` leaves out DINOv2 (1.2 GB for ViT-L): enough to decode codes, e.g. for sampling."""
         super().__init__()
         cfg = get_config(config)
         if precision not in PRECISIONS:
@@ -55,8 +62,8 @@ class VFMTokenizer(nn.Module):
         self.config = cfg
         self.precision = precision
         n_levels = len(cfg.dinov2.levels)
-        self.dinov2 = DinoV2(cfg.dinov2)
-        self.dinov2.requires_grad_(False)
+        self.decoder_only = decoder_only
+        self.dinov2 = None if decoder_only else DinoV2(cfg.dinov2).requires_grad_(False)
         self.encode_transformer = RegionAdaptiveEncoder(cfg.encoder, cfg.dinov2.embed_dim, n_levels, backend)
         self.pre_slots_quant = nn.Linear(cfg.encoder.dim, cfg.quantizer.code_dim)
         self.slot_quantize = VectorQuantizer(cfg.quantizer, backend)
@@ -92,26 +99,31 @@ class VFMTokenizer(nn.Module):
         device="cpu",
         precision: str = "fp32",
         storage_options: Mapping | None = None,
+        decoder_only: bool = False,
     ) -> "VFMTokenizer":
         """Load the released weights from local paths or fsspec URLs.
 
         Args:
             tokenizer: ``vfmtok-tokenizer.pt`` (``ema`` preferred, then ``model``, ``state_dict``, raw).
             dinov2: the flat ``dinov2_vit*14_reg4_pretrain.pth``; may be omitted when the tokenizer
-                file is a full-model dict that also holds the backbone.
+                file is a full-model dict that also holds the backbone, and is ignored with
+                ``decoder_only``.
         """
-        model = cls(config, precision=precision)
+        model = cls(config, precision=precision, decoder_only=decoder_only)
         state = ckpt.select_state_dict(
             ckpt.load_checkpoint(tokenizer, storage_options), ("ema", "model", "state_dict"), tokenizer
         )
         backbone = {k[len(FULL_MODEL_BACKBONE) :]: state.pop(k) for k in list(state) if k.startswith(FULL_MODEL_BACKBONE)}
-        if dinov2 is not None:
-            backbone = ckpt.select_state_dict(
-                ckpt.load_checkpoint(dinov2, storage_options), ("model", "state_dict"), dinov2
-            )
-        elif not backbone:
-            raise ckpt.CheckpointError(f"{tokenizer} holds no DINOv2 backbone weights; pass dinov2=<.pth path or URL>")
-        ckpt.load_strict(model.dinov2, backbone, f"DINOv2 weights ({dinov2 or tokenizer})")
+        if not decoder_only:
+            if dinov2 is not None:
+                backbone = ckpt.select_state_dict(
+                    ckpt.load_checkpoint(dinov2, storage_options), ("model", "state_dict"), dinov2
+                )
+            elif not backbone:
+                raise ckpt.CheckpointError(
+                    f"{tokenizer} holds no DINOv2 backbone weights; pass dinov2=<.pth path or URL>"
+                )
+            ckpt.load_strict(model.dinov2, backbone, f"DINOv2 weights ({dinov2 or tokenizer})")
         trainable = {k: v for k, v in model.state_dict().items() if not k.startswith("dinov2.")}
         ckpt.check_state_dict(trainable, state, f"tokenizer weights ({tokenizer})", optional=[USAGE_BUFFER])
         model.load_state_dict(state, strict=False)
@@ -120,7 +132,8 @@ class VFMTokenizer(nn.Module):
 
     def train(self, mode: bool = True) -> "VFMTokenizer":
         super().train(mode)
-        self.dinov2.eval()  # frozen: never in training mode
+        if self.dinov2 is not None:
+            self.dinov2.eval()  # frozen: never in training mode
         return self
 
     # ------------------------------------------------------------------ identity
@@ -133,7 +146,7 @@ class VFMTokenizer(nn.Module):
         """
         if self._fingerprint is None:
             h = hashlib.sha256()
-            h.update(json.dumps(self.config.to_dict(), sort_keys=True).encode())
+            h.update(json.dumps({**self.config.to_dict(), "decoder_only": self.decoder_only}, sort_keys=True).encode())
             for name, t in sorted(self.state_dict().items()):
                 if name == USAGE_BUFFER:
                     continue
@@ -160,6 +173,8 @@ class VFMTokenizer(nn.Module):
 
     def dinov2_features(self, images: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         """DINOv2 levels (list of (B, G*G, C)) and cls token for images in [-1, 1]."""
+        if self.dinov2 is None:
+            raise RuntimeError("this tokenizer was loaded decoder_only: it can decode codes but not encode images")
         x = resize_for_encoder(self._check_images(images), self.config.image_size)
         x = (x.clamp(-1, 1) + 1) / 2
         x = (x - self.mean) / self.std
