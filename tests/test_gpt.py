@@ -227,3 +227,13 @@ def test_bf16_cast_keeps_rope_fp32_and_logits_close():
     assert (low - ref).abs().max() < 0.1 * ref.abs().max()
     out = generate(model, labels, greedy=True)  # the cache takes the weights' dtype
     assert out.shape == (2, 256)
+
+
+@pytest.mark.slow
+def test_compiled_decode_matches_eager():
+    from vfmtok_core.generate import compiled_decode
+
+    model = _randomised(GPT.from_config("GPT-tiny", seed=0, vocab_size=1024))
+    labels = torch.tensor([1, 2])
+    eager = generate(model, labels, cfg_scale=2.0, greedy=True)
+    assert torch.equal(generate(model, labels, cfg_scale=2.0, greedy=True, decode_fn=compiled_decode(model)), eager)
