@@ -14,8 +14,10 @@ $(VENV)/.ready-bench: pyproject.toml tools/bootstrap.sh
 	tools/bootstrap.sh $(VENV) test,bench
 	touch $@ $(VENV)/.ready-test
 
-demo: $(VENV)/.ready-test  ## tokenize + reconstruct the bundled photos -> out/demo/
-	$(PY) -m jobs.reconstruct --out out/demo
+demo: $(VENV)/.ready-test  ## bundled photos -> WebDataset -> Ray tokenization (tiny) -> Parquet shards -> summary
+	$(PY) -m pipelines.samples out/demo/photos
+	$(PY) -m jobs.tokenize --input out/demo/photos --output out/demo/tokens --variants center,flip --config tiny
+	$(PY) -m jobs.inspect out/demo/tokens --plot out/demo/usage.png
 
 test: $(VENV)/.ready-test  ## the default suite (what CI runs)
 	$(PY) -m pytest -q -m "not slow"

@@ -1,0 +1,94 @@
+"""Tokenize an image dataset into Parquet or WebDataset token shards with VFMTok, on Ray.
+
+Runs on an embedded local Ray by default, or on the cluster named by RAY_ADDRESS (as under
+``ray job submit --working-dir . -- python -m jobs.tokenize ...``). Rerunning the same command
+after a crash finishes what is left; bad inputs are recorded under ``rejects/``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from dataclasses import dataclass, field
+
+from jobs.cli import parse_config, setup_logging
+from pipelines.images import DEFAULT_MAX_PIXELS, VARIANT_SETS
+from pipelines.manifest import IncompatibleOutput
+from pipelines.ray_runtime import ray_session
+from pipelines.shards import SHARD_FORMATS
+from pipelines.sources import FORMATS
+from pipelines.tokenize import TokenizeOptions, TokenizerSpec, run_tokenize
+from vfmtok_core import CONFIGS
+
+log = logging.getLogger("jobs.tokenize")
+
+
+@dataclass
+class TokenizeConfig:
+    """Tokenize an image dataset (folder, WebDataset, Parquet or LMDB; local or S3) into token shards."""
+
+    input: str = field(default="", metadata={"help": "input dataset URL (required)"})
+    output: str = field(default="", metadata={"help": "output dataset URL (required)"})
+    format: str = field(default="parquet", metadata={"help": "shard format", "choices": list(SHARD_FORMATS)})
+    input_format: str | None = field(default=None, metadata={"help": "input layout (default: detected)", "choices": list(FORMATS)})
+    variants: str = field(default="center", metadata={"help": f"comma-separated, from {', '.join(VARIANT_SETS)}"})
+    config: str = field(default="tiny", metadata={"help": "tokenizer config", "choices": sorted(CONFIGS)})
+    tokenizer: str | None = field(default=None, metadata={"help": "vfmtok-tokenizer.pt (path or URL)"})
+    dinov2: str | None = field(default=None, metadata={"help": "dinov2_vitl14_reg4_pretrain.pth (path or URL)"})
+    seed: int = field(default=0, metadata={"help": "random-weight seed when no --tokenizer is given"})
+    batch_size: int = field(default=64, metadata={"help": "images per tokenizer forward"})
+    workers: int = field(default=0, metadata={"help": "tokenizer actors (0: one per GPU, or 1 without GPUs)"})
+    gpus_per_worker: float = field(default=-1.0, metadata={"help": "GPUs per actor (-1: 1 if the cluster has GPUs)"})
+    threads: int = field(default=0, metadata={"help": "torch threads per actor (0: cores / workers)"})
+    rows_per_shard: int = field(default=1024, metadata={"help": "images per shard for folder/LMDB inputs"})
+    max_pixels: int = field(default=DEFAULT_MAX_PIXELS, metadata={"help": "reject larger images (bomb guard)"})
+    precision: str = field(default="fp32", metadata={"help": "tokenizer precision", "choices": ["fp32", "bf16"]})
+    storage_options: str = field(default="{}", metadata={"help": "JSON fsspec options, e.g. an S3 endpoint"})
+    overwrite: bool = field(default=False, metadata={"help": "delete an incompatible existing output"})
+
+
+def to_options(cfg: TokenizeConfig, cluster_gpus: float) -> TokenizeOptions:
+    if not cfg.input or not cfg.output:
+        raise SystemExit("--input and --output are required")
+    storage = json.loads(cfg.storage_options)
+    gpus = cfg.gpus_per_worker if cfg.gpus_per_worker >= 0 else (1.0 if cluster_gpus else 0.0)
+    workers = cfg.workers or (max(1, int(cluster_gpus / gpus)) if gpus else 1)
+    spec = TokenizerSpec(cfg.config, cfg.tokenizer, cfg.dinov2, cfg.seed, cfg.precision, storage)
+    return TokenizeOptions(
+        input=cfg.input, output=cfg.output, format=cfg.format, input_format=cfg.input_format,
+        variants=tuple(v.strip() for v in cfg.variants.split(",") if v.strip()), spec=spec,
+        batch_size=cfg.batch_size, workers=workers, gpus_per_worker=gpus, threads=cfg.threads,
+        rows_per_shard=cfg.rows_per_shard, max_pixels=cfg.max_pixels, storage_options=storage,
+        overwrite=cfg.overwrite,
+    )
+
+
+def run(cfg: TokenizeConfig) -> dict:
+    with ray_session() as ray:
+        opts = to_options(cfg, ray.cluster_resources().get("GPU", 0.0))
+        summary = run_tokenize(opts)
+    this = summary["this_run"]
+    log.info(
+        "%d images x %d variants in %d shards (%.1f MB); %d rejected %s; this run: %d images in %.1fs (%.1f images/s)",
+        summary["images"], len(summary["variants"]), summary["shards"], summary["bytes"] / 1e6, summary["rejects"],
+        summary["rejects_by_reason"] or "", this["images"], this["seconds"], this["images_per_s"],
+    )
+    if this["failed_items"]:
+        log.error("%d work items failed; rerun the same command to retry them", len(this["failed_items"]))
+    return summary
+
+
+def main(argv=None) -> None:
+    setup_logging()
+    try:
+        summary = run(parse_config(TokenizeConfig, argv, description=__doc__))
+    except IncompatibleOutput as e:
+        log.error("%s", e)
+        sys.exit(2)
+    print(json.dumps(summary, indent=1))
+    sys.exit(0 if summary["complete"] else 1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,226 @@
+"""The Ray tokenization pipeline: work items -> CPU decode/crop tasks -> tokenizer actors -> shard commits.
+
+Each work item flows through three steps chained by object references:
+
+    prepare (CPU task)  ->  encode (tokenizer actor, GPU or CPU)  ->  commit (CPU task)
+
+The driver keeps a bounded window of items in flight (backpressure), so memory stays flat however
+large the dataset. Exactly-once output follows from determinism plus the commit protocol: an item
+always becomes the same shard bytes under the same name, and only a written commit record makes it
+count. Actor deaths are retried by Ray (the actors restart and rerun the call); task failures are
+retried a few times and then reported, and a rerun of the same command finishes what is left.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from pipelines.images import Rejected, decode_image, make_variants
+from pipelines.manifest import COMMITS
+from pipelines.shards import ShardRows, parquet_bytes, rejects_bytes, webdataset_bytes
+from pipelines.sources import WorkItem, read_item, sha256
+from pipelines.storage import atomic_write, filesystem, join, write_json
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TokenizerSpec:
+    """How each actor builds its tokenizer (checkpoints or a seeded random config)."""
+
+    config: str = "tiny"
+    tokenizer: str | None = None
+    dinov2: str | None = None
+    seed: int = 0
+    precision: str = "fp32"
+    storage_options: dict = field(default_factory=dict)
+
+    def build(self, device: str):
+        from vfmtok_core import VFMTokenizer
+
+        if self.tokenizer:
+            return VFMTokenizer.from_pretrained(
+                tokenizer=self.tokenizer, dinov2=self.dinov2, config=self.config, device=device,
+                precision=self.precision, storage_options=self.storage_options,
+            )
+        return VFMTokenizer.from_config(self.config, seed=self.seed, device=device, precision=self.precision)
+
+
+@dataclass
+class Prepared:
+    keys: list[str]
+    labels: list[int | None]
+    sources: list[str]
+    digests: list[bytes]
+    rejects: list[dict]
+
+
+def prepare(item: WorkItem, variants: tuple[str, ...], size: int, max_pixels: int, storage_options) -> tuple:
+    """Read, decode and crop one work item -> (crops uint8 (N, V, S, S, 3), Prepared)."""
+    meta = Prepared([], [], [], [], [])
+    crops = []
+    for sample in read_item(item, storage_options):
+        reason, error = sample.error or (None, None)
+        if reason is None:
+            try:
+                crops.append(make_variants(decode_image(sample.data, max_pixels), size, variants))
+            except Rejected as e:
+                reason, error = e.reason, str(e)
+        if reason is not None:
+            meta.rejects.append({"key": sample.key, "source": sample.source, "reason": reason, "error": error})
+            continue
+        meta.keys.append(sample.key)
+        meta.labels.append(sample.label)
+        meta.sources.append(sample.source)
+        meta.digests.append(sha256(sample.data))
+    empty = np.zeros((0, len(variants), size, size, 3), np.uint8)
+    return (np.stack(crops) if crops else empty), meta
+
+
+class TokenizerWorker:
+    """Holds one tokenizer; turns crops (N, V, S, S, 3) into tokens (N, V, T) uint16 in batches."""
+
+    def __init__(self, spec: TokenizerSpec, batch_size: int, threads: int):
+        import torch
+
+        if threads > 0:
+            torch.set_num_threads(threads)
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.tok = spec.build(self.device)
+        self.batch_size = batch_size
+
+    def info(self) -> dict:
+        cfg = self.tok.config
+        return {
+            "fingerprint": self.tok.fingerprint,
+            "config": cfg.to_dict(),
+            "image_size": cfg.image_size,
+            "tokens_per_image": cfg.tokens_per_image,
+            "codebook_size": cfg.quantizer.codebook_size,
+            "device": self.device,
+            "pid": os.getpid(),
+        }
+
+    def encode(self, crops: np.ndarray) -> np.ndarray:
+        from vfmtok_core.preprocess import to_tensor
+
+        n, v = crops.shape[:2]
+        flat = crops.reshape(n * v, *crops.shape[2:])
+        out = np.empty((n * v, self.tok.config.tokens_per_image), np.uint16)
+        for s in range(0, n * v, self.batch_size):
+            out[s : s + self.batch_size] = self.tok.encode(to_tensor(flat[s : s + self.batch_size])).cpu().numpy()
+        return out.reshape(n, v, -1)
+
+
+def commit(item: WorkItem, meta: Prepared, tokens: np.ndarray, output: str, fmt: str, variants, storage_options) -> dict:
+    """Write the shard and its rejects, then the commit record that makes them count."""
+    import hashlib
+
+    fs, root = filesystem(output, storage_options)
+    record = {"shard": item.shard, "unit": item.unit, "rows": len(meta.keys), "rejects": len(meta.rejects),
+              "path": None, "bytes": 0, "sha256": None, "rejects_path": None,
+              "rejects_by_reason": dict(Counter(r["reason"] for r in meta.rejects))}
+    if meta.keys:
+        rows = ShardRows(meta.keys, meta.labels, meta.sources, meta.digests, tokens)
+        data = parquet_bytes(rows) if fmt == "parquet" else webdataset_bytes(rows, tuple(variants))
+        rel = f"shards/{item.shard}.{'parquet' if fmt == 'parquet' else 'tar'}"
+        atomic_write(fs, join(root, rel), data)
+        record.update(path=rel, bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+    if meta.rejects:
+        rel = f"rejects/{item.shard}.parquet"
+        atomic_write(fs, join(root, rel), rejects_bytes(meta.rejects))
+        record["rejects_path"] = rel
+    write_json(fs, join(root, COMMITS, f"{item.shard}.json"), record)
+    return record
+
+
+@dataclass
+class RunStats:
+    images: int = 0
+    rejects: Counter = field(default_factory=Counter)
+    bytes: int = 0
+    shards: int = 0
+    failed: list = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def start_workers(spec: TokenizerSpec, workers: int, gpus_per_worker: float, threads: int, batch_size: int) -> list:
+    """Tokenizer actors that Ray restarts (and whose calls it retries) if their process dies."""
+    import ray
+
+    actor_cls = ray.remote(TokenizerWorker)
+    # Named so that operators (and the fault tests) can find them: ``ray.get_actor("vfmtok-tokenizer-0")``.
+    return [
+        actor_cls.options(
+            name=f"vfmtok-tokenizer-{i}",
+            num_gpus=gpus_per_worker,
+            num_cpus=0 if gpus_per_worker else 1,
+            max_restarts=-1,
+            max_task_retries=-1,
+        ).remote(spec, batch_size, threads)
+        for i in range(workers)
+    ]
+
+
+def run_items(
+    items: list[WorkItem],
+    *,
+    actors: list,
+    image_size: int,
+    output: str,
+    fmt: str,
+    variants: tuple[str, ...],
+    max_pixels: int,
+    storage_options: Mapping | None,
+) -> RunStats:
+    """Process ``items`` with ``actors``; returns counts (failed items are listed, not raised)."""
+    import ray
+    from tqdm import tqdm
+
+    so = dict(storage_options or {})
+    workers = len(actors)
+    prepare_task = ray.remote(prepare).options(num_returns=2, num_cpus=1, max_retries=3, retry_exceptions=True)
+    commit_task = ray.remote(commit).options(num_cpus=0.25, max_retries=3, retry_exceptions=True)
+
+    stats = RunStats()
+    window = 2 * workers + 2
+    queue = list(items)
+    inflight: dict = {}
+    start = time.perf_counter()
+    bar = tqdm(total=len(items), desc="tokenize", unit="shard", dynamic_ncols=True)
+    submitted = 0
+    while queue or inflight:
+        while queue and len(inflight) < window:
+            item = queue.pop(0)
+            crops, meta = prepare_task.remote(item, variants, image_size, max_pixels, so)
+            tokens = actors[submitted % len(actors)].encode.remote(crops)
+            ref = commit_task.remote(item, meta, tokens, output, fmt, variants, so)
+            inflight[ref] = item
+            submitted += 1
+        done, _ = ray.wait(list(inflight), num_returns=1)
+        item = inflight.pop(done[0])
+        try:
+            record = ray.get(done[0])
+        except Exception as e:  # noqa: BLE001 - one bad item must not stop the others
+            log.error("work item %s (%s) failed: %s", item.shard, item.unit, e)
+            stats.failed.append({"shard": item.shard, "unit": item.unit, "error": f"{type(e).__name__}: {e}"})
+            bar.update(1)
+            continue
+        stats.images += record["rows"]
+        stats.rejects.update(record["rejects_by_reason"])
+        stats.bytes += record["bytes"]
+        stats.shards += bool(record["path"])
+        elapsed = time.perf_counter() - start
+        bar.set_postfix(images=stats.images, rejects=sum(stats.rejects.values()), img_s=f"{stats.images / elapsed:.1f}")
+        bar.update(1)
+    bar.close()
+    stats.seconds = time.perf_counter() - start
+    return stats
+

@@ -1,0 +1,282 @@
+"""Input datasets, split into deterministic work items that each become one output shard.
+
+Supported layouts (any fsspec URL unless noted):
+
+- ``folder``: image files; ImageNet-style class subfolders give labels (sorted names -> 0..C-1),
+  images directly under the root have none. Keys are paths relative to the root.
+- ``webdataset``: ``.tar`` shards; an image member (jpg/png/webp/...) and an optional ``cls``.
+  Keys are ``<tar path relative to root, without .tar>/<__key__>``.
+- ``parquet``: an image column (raw bytes or the Hugging Face ``{bytes, path}`` struct), optional
+  label and key columns. Keys are ``<file stem>/<key or row index>``; one work item per row group.
+- ``lmdb`` (local path): VFMTok's layout, ``num_samples`` then ``str(i)`` -> a pickled
+  ``{'image': bytes, 'label': int}``, unpickled by a loader that admits only plain types.
+
+Keys are made unique per input unit so two files can never collide; a key repeated inside one
+unit is rejected as ``duplicate_key`` (the first occurrence wins).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import pickle
+import tarfile
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass, field
+
+import pyarrow.parquet as pq
+
+from pipelines.storage import filesystem, join
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif", "ppm", "pgm", "jfif")
+FORMATS = ("folder", "webdataset", "parquet", "lmdb")
+IMAGE_COLUMNS = ("image", "jpg", "png", "webp", "img", "image_bytes")
+LABEL_COLUMNS = ("label", "cls", "class", "labels")
+KEY_COLUMNS = ("key", "__key__", "id", "image_id")
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    """One unit of work; ``shard`` names the output shard it becomes."""
+
+    shard: str
+    kind: str
+    url: str  # file (webdataset, parquet), or root (folder, lmdb)
+    start: int = 0  # folder: file range; parquet: row group; lmdb: index range
+    stop: int = 0
+    files: tuple[str, ...] = field(default_factory=tuple)  # folder: relative paths
+    labels: tuple[int, ...] = field(default_factory=tuple)  # folder: their labels (-1: none)
+    unit: str = ""  # human-readable source name recorded in each row's ``source``
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @staticmethod
+    def from_dict(d: dict) -> "WorkItem":
+        return WorkItem(**{**d, "files": tuple(d.get("files", ())), "labels": tuple(d.get("labels", ()))})
+
+
+@dataclass
+class RawSample:
+    key: str
+    source: str
+    label: int | None = None
+    data: bytes | None = None
+    error: tuple[str, str] | None = None  # (reason, message) when the sample is unreadable
+
+
+def detect_format(url: str, storage_options: Mapping | None = None) -> str:
+    fs, root = filesystem(url, storage_options)
+    if fs.isfile(root):
+        for fmt, suffix in (("webdataset", ".tar"), ("parquet", ".parquet")):
+            if root.endswith(suffix):
+                return fmt
+        raise ValueError(f"cannot tell the format of {url}; pass --input-format")
+    names = [p.rsplit("/", 1)[-1] for p in fs.find(root)]
+    if "data.mdb" in names:
+        return "lmdb"
+    if any(n.endswith(".tar") for n in names):
+        return "webdataset"
+    if any(n.endswith(".parquet") for n in names):
+        return "parquet"
+    if any(n.rsplit(".", 1)[-1].lower() in IMAGE_EXTS for n in names):
+        return "folder"
+    raise ValueError(f"found no images, .tar, .parquet or LMDB under {url}")
+
+
+def _rel(root: str, path: str) -> str:
+    return path[len(root) :].lstrip("/") if path.startswith(root) else path
+
+
+def _shard_name(index: int) -> str:
+    return f"shard-{index:06d}"
+
+
+def plan(url: str, fmt: str, rows_per_shard: int, storage_options: Mapping | None = None) -> list[WorkItem]:
+    """Deterministic work items (sorted listing) for the dataset at ``url``."""
+    fs, root = filesystem(url, storage_options)
+    single = fs.isfile(root)
+    if fmt == "folder":
+        files = sorted(p for p in fs.find(root) if p.rsplit(".", 1)[-1].lower() in IMAGE_EXTS)
+        rel = [_rel(root, p) for p in files]
+        nested = [r for r in rel if "/" in r]
+        classes = sorted({r.split("/", 1)[0] for r in nested}) if len(nested) == len(rel) else []
+        index = {c: i for i, c in enumerate(classes)}
+        labels = [index[r.split("/", 1)[0]] if classes else -1 for r in rel]
+        return [
+            WorkItem(
+                _shard_name(i), fmt, url, s, min(s + rows_per_shard, len(rel)),
+                tuple(rel[s : s + rows_per_shard]), tuple(labels[s : s + rows_per_shard]), unit=f"{url}#{s}",
+            )
+            for i, s in enumerate(range(0, len(rel), rows_per_shard))
+        ]
+    if fmt == "webdataset":
+        tars = [root] if single else sorted(p for p in fs.find(root) if p.endswith(".tar"))
+        base = root.rsplit("/", 1)[0] if single else root
+        return [
+            WorkItem(_shard_name(i), fmt, _url(fs, t), unit=_rel(base, t)[: -len(".tar")]) for i, t in enumerate(tars)
+        ]
+    if fmt == "parquet":
+        files = [root] if single else sorted(p for p in fs.find(root) if p.endswith(".parquet"))
+        base = root.rsplit("/", 1)[0] if single else root
+        items = []
+        for path in files:
+            with fs.open(path, "rb") as f:
+                groups = pq.ParquetFile(f).num_row_groups
+            stem = _rel(base, path)[: -len(".parquet")]
+            for g in range(groups):
+                items.append(WorkItem(_shard_name(len(items)), fmt, _url(fs, path), g, g + 1, unit=stem))
+        return items
+    if fmt == "lmdb":
+        if not _is_local(url):
+            raise ValueError("LMDB inputs must be on a local filesystem (LMDB maps its file into memory)")
+        total = _lmdb_count(root)
+        return [
+            WorkItem(_shard_name(i), fmt, url, s, min(s + rows_per_shard, total), unit=f"lmdb#{s}")
+            for i, s in enumerate(range(0, total, rows_per_shard))
+        ]
+    raise ValueError(f"unknown input format {fmt!r}; choose from {', '.join(FORMATS)}")
+
+
+def _is_local(url: str) -> bool:
+    return "://" not in url or url.startswith("file://")
+
+
+def _url(fs, path: str) -> str:
+    protocol = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
+    return path if protocol in ("file", "local") else f"{protocol}://{path}"
+
+
+def read_item(item: WorkItem, storage_options: Mapping | None = None) -> Iterator[RawSample]:
+    """The samples of one work item in a fixed order; unreadable ones carry ``error``."""
+    readers = {"folder": _read_folder, "webdataset": _read_tar, "parquet": _read_parquet, "lmdb": _read_lmdb}
+    seen: set[str] = set()
+    for sample in readers[item.kind](item, storage_options):
+        if sample.key in seen and sample.error is None:
+            sample = RawSample(sample.key, sample.source, error=("duplicate_key", f"key {sample.key!r} repeats in {item.unit}"))
+        seen.add(sample.key)
+        yield sample
+
+
+def _read_folder(item: WorkItem, storage_options) -> Iterator[RawSample]:
+    fs, root = filesystem(item.url, storage_options)
+    for rel, label in zip(item.files, item.labels):
+        key = rel.rsplit(".", 1)[0]
+        try:
+            data = fs.cat_file(join(root, rel))
+        except OSError as e:
+            yield RawSample(key, rel, error=("read_error", str(e)))
+            continue
+        yield RawSample(key, rel, None if label < 0 else label, data)
+
+
+def _read_tar(item: WorkItem, storage_options) -> Iterator[RawSample]:
+    """Group consecutive members by WebDataset key (basename up to its first dot)."""
+    fs, path = filesystem(item.url, storage_options)
+    current: dict[str, bytes] = {}
+    current_key = None
+
+    def flush(key: str, files: dict[str, bytes]) -> RawSample:
+        name = f"{item.unit}/{key}"
+        image_ext = next((e for e in IMAGE_EXTS if e in files), None)
+        label = None
+        if "cls" in files:
+            try:
+                label = int(files["cls"].decode().strip())
+            except ValueError:
+                return RawSample(name, item.unit, error=("bad_label", f"cls {files['cls'][:20]!r} is not an integer"))
+        if image_ext is None:
+            return RawSample(name, item.unit, error=("no_image", f"members {sorted(files)} hold no image"))
+        return RawSample(name, item.unit, label, files[image_ext])
+
+    try:
+        with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                dirname, _, base = member.name.rpartition("/")
+                stem, _, ext = base.partition(".")
+                key = f"{dirname}/{stem}" if dirname else stem
+                if current_key is not None and key != current_key:
+                    yield flush(current_key, current)
+                    current = {}
+                current_key = key
+                current[ext.lower()] = tar.extractfile(member).read()
+    except (tarfile.TarError, OSError, EOFError) as e:
+        yield RawSample(f"{item.unit}/<tar>", item.unit, error=("corrupt_tar", f"{type(e).__name__}: {e}"))
+        return
+    if current_key is not None:
+        yield flush(current_key, current)
+
+
+def _pick(names: list[str], candidates: tuple[str, ...]) -> str | None:
+    return next((c for c in candidates if c in names), None)
+
+
+def _read_parquet(item: WorkItem, storage_options) -> Iterator[RawSample]:
+    fs, path = filesystem(item.url, storage_options)
+    with fs.open(path, "rb") as f:
+        pf = pq.ParquetFile(f)
+        names = pf.schema_arrow.names
+        image_col = _pick(names, IMAGE_COLUMNS)
+        if image_col is None:
+            raise ValueError(f"{item.url} has no image column (looked for {IMAGE_COLUMNS}; columns: {names})")
+        label_col, key_col = _pick(names, LABEL_COLUMNS), _pick(names, KEY_COLUMNS)
+        cols = [c for c in (image_col, label_col, key_col) if c]
+        table = pf.read_row_group(item.start, columns=cols)
+        offset = sum(pf.metadata.row_group(g).num_rows for g in range(item.start))
+    images = table.column(image_col).to_pylist()
+    labels = table.column(label_col).to_pylist() if label_col else [None] * len(images)
+    keys = table.column(key_col).to_pylist() if key_col else [None] * len(images)
+    for i, (img, label, key) in enumerate(zip(images, labels, keys)):
+        name = f"{item.unit}/{key if key is not None else offset + i}"
+        if isinstance(img, dict):  # Hugging Face Image feature: {"bytes": ..., "path": ...}
+            img = img.get("bytes")
+        if img is None:
+            yield RawSample(name, item.unit, error=("empty", "null image"))
+            continue
+        yield RawSample(name, item.unit, None if label is None else int(label), bytes(img))
+
+
+class _PlainUnpickler(pickle.Unpickler):
+    """Admits only builtin containers and scalars: any class or function reference is refused."""
+
+    def find_class(self, module: str, name: str):
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: only plain dicts, bytes and ints are allowed")
+
+
+def _lmdb_count(root: str) -> int:
+    import lmdb
+
+    with lmdb.open(root, readonly=True, lock=False, readahead=False, meminit=False, subdir=True) as env:
+        with env.begin() as txn:
+            raw = txn.get(b"num_samples")
+    if raw is None:
+        raise ValueError(f"{root} has no num_samples key; not VFMTok's LMDB layout")
+    return int(raw.decode())
+
+
+def _read_lmdb(item: WorkItem, storage_options) -> Iterator[RawSample]:
+    import lmdb
+
+    with lmdb.open(item.url, readonly=True, lock=False, readahead=False, meminit=False, subdir=True) as env:
+        with env.begin() as txn:
+            for i in range(item.start, item.stop):
+                key = str(i)
+                raw = txn.get(key.encode())
+                if raw is None:
+                    yield RawSample(key, item.unit, error=("missing", f"LMDB has no key {key!r}"))
+                    continue
+                try:
+                    rec = _PlainUnpickler(io.BytesIO(raw)).load()
+                    data, label = rec["image"], rec.get("label")
+                    if not isinstance(data, (bytes, bytearray)) or not (label is None or isinstance(label, int)):
+                        raise TypeError("expected {'image': bytes, 'label': int}")
+                except Exception as e:  # noqa: BLE001 - any malformed record is a rejection
+                    yield RawSample(key, item.unit, error=("bad_record", f"{type(e).__name__}: {e}"))
+                    continue
+                yield RawSample(key, item.unit, label, bytes(data))
+
+
+def sha256(data: bytes | None) -> bytes:
+    return hashlib.sha256(data or b"").digest()

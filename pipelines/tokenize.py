@@ -1,0 +1,143 @@
+"""Driver logic of the tokenization job: plan, resume, run on Ray, publish the manifest.
+
+Resuming is the normal path, not a special mode: the plan (work items and the settings that
+shape the output) is stored in the output folder on the first run; every later run with the same
+settings loads it, skips the items that already have a commit record and redoes the rest.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from pipelines.images import DEFAULT_MAX_PIXELS, expand_variants
+from pipelines.manifest import (
+    MANIFEST,
+    PLAN,
+    IncompatibleOutput,
+    build_manifest,
+    check_compatible,
+    load_commits,
+    write_manifest,
+)
+from pipelines.ray_tokenize import TokenizerSpec, run_items, start_workers
+from pipelines.shards import SHARD_FORMATS
+from pipelines.sources import WorkItem, detect_format, plan
+from pipelines.storage import filesystem, join, read_json, remove_stale_temporaries, write_json
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TokenizeOptions:
+    input: str
+    output: str
+    format: str = "parquet"
+    input_format: str | None = None
+    variants: tuple[str, ...] = ("center",)
+    spec: TokenizerSpec = field(default_factory=TokenizerSpec)
+    batch_size: int = 64
+    workers: int = 1
+    gpus_per_worker: float = 0.0
+    threads: int = 0  # torch threads per actor (0: the machine's cores / workers)
+    rows_per_shard: int = 1024
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    storage_options: Mapping | None = None
+    overwrite: bool = False
+
+
+def _identity(opts: TokenizeOptions, info: dict, input_format: str) -> dict:
+    return {
+        "fingerprint": info["fingerprint"],
+        "variants": list(expand_variants(opts.variants)),
+        "format": opts.format,
+        "tokens_per_image": info["tokens_per_image"],
+        "input": opts.input,
+        "input_format": input_format,
+        "rows_per_shard": opts.rows_per_shard,
+    }
+
+
+def _prepare_output(opts: TokenizeOptions, identity: dict) -> list[WorkItem]:
+    """Check (or clear) an existing output and return the plan, creating it on the first run."""
+    fs, root = filesystem(opts.output, opts.storage_options)
+    plan_path = join(root, PLAN)
+    if opts.overwrite and fs.exists(root):
+        log.warning("--overwrite: deleting %s", opts.output)
+        fs.rm(root, recursive=True)
+    for name in (MANIFEST, PLAN):
+        path = join(root, name)
+        if fs.exists(path):
+            existing = read_json(fs, path)
+            check_compatible(existing.get("identity", existing), identity, opts.output)
+    removed = remove_stale_temporaries(fs, root)
+    if removed:
+        log.info("removed %d temporary files left by an interrupted run", removed)
+    if fs.exists(plan_path):
+        items = [WorkItem.from_dict(d) for d in read_json(fs, plan_path)["items"]]
+        log.info("resuming: %d work items planned earlier", len(items))
+        return items
+    items = plan(opts.input, identity["input_format"], opts.rows_per_shard, opts.storage_options)
+    write_json(fs, plan_path, {"identity": identity, "items": [i.to_dict() for i in items]})
+    log.info("planned %d work items from %s (%s)", len(items), opts.input, identity["input_format"])
+    return items
+
+
+def run_tokenize(opts: TokenizeOptions) -> dict:
+    """Run (or resume) the job on the connected Ray cluster; returns the summary."""
+    import ray
+
+    if opts.format not in SHARD_FORMATS:
+        raise ValueError(f"--format must be one of {SHARD_FORMATS}")
+    variants = expand_variants(opts.variants)
+    input_format = opts.input_format or detect_format(opts.input, opts.storage_options)
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    threads = opts.threads or max(1, cpus // max(1, opts.workers))
+    # The tokenizer's fingerprint decides whether an existing output may be extended, so the
+    # actors start (and report it) before the output is touched.
+    actors = start_workers(opts.spec, opts.workers, opts.gpus_per_worker, threads, opts.batch_size)
+    try:
+        info = ray.get(actors[0].info.remote())
+        identity = _identity(opts, info, input_format)
+        items = _prepare_output(opts, identity)
+        fs, root = filesystem(opts.output, opts.storage_options)
+        done = load_commits(fs, root)
+        todo = [i for i in items if i.shard not in done]
+        log.info("%d of %d work items already committed; %d to do", len(items) - len(todo), len(items), len(todo))
+        stats = None
+        if todo:
+            stats = run_items(
+                todo, actors=actors, image_size=info["image_size"], output=opts.output, fmt=opts.format,
+                variants=variants, max_pixels=opts.max_pixels, storage_options=opts.storage_options,
+            )
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+    commits = load_commits(fs, root)
+    manifest = build_manifest(identity, info["config"], info["codebook_size"], commits, len(items))
+    write_manifest(fs, root, manifest)
+    totals = manifest["totals"]
+    summary = {
+        "output": opts.output,
+        "images": totals["images"],
+        "variants": identity["variants"],
+        "rejects": totals["rejects"],
+        "rejects_by_reason": totals["rejects_by_reason"],
+        "shards": len(manifest["shards"]),
+        "bytes": totals["bytes"],
+        "complete": manifest["complete"],
+        "this_run": {
+            "images": stats.images if stats else 0,
+            "seconds": round(stats.seconds, 2) if stats else 0.0,
+            "images_per_s": round(stats.images / stats.seconds, 2) if stats and stats.seconds else 0.0,
+            "failed_items": stats.failed if stats else [],
+            "rejects_by_reason": dict(Counter(stats.rejects)) if stats else {},
+        },
+    }
+    return summary
+
+
+
+__all__ = ["IncompatibleOutput", "TokenizeOptions", "TokenizerSpec", "run_tokenize"]

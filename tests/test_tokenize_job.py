@@ -1,0 +1,218 @@
+"""The Ray tokenization job end to end, against real parts: embedded Ray, moto S3, pyarrow,
+polars and webdataset reading the output back, and killed workers and drivers."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from jobs.tokenize import TokenizeConfig, run
+from pipelines.images import decode_image, make_variants
+from pipelines.manifest import IncompatibleOutput
+from pipelines.ray_runtime import ray_session
+from tests.pipeline_data import bomb_bytes, jpeg_bytes, png_bytes, write_folder, write_tar
+from vfmtok_core import VFMTokenizer
+from vfmtok_core.preprocess import to_tensor
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_cluster():
+    with ray_session(num_cpus=2) as ray:
+        yield ray
+
+
+def _job(inp, out, **kw) -> dict:
+    return run(TokenizeConfig(input=str(inp), output=str(out), **kw))
+
+
+def _manifest(out) -> dict:
+    return json.loads((Path(out) / "manifest.json").read_text())
+
+
+def _parquet_rows(out) -> pl.DataFrame:
+    m = _manifest(out)
+    return pl.concat([pl.read_parquet(Path(out) / s["path"]) for s in m["shards"] if s["path"]])
+
+
+def test_folder_to_parquet(tmp_path):
+    keys = write_folder(tmp_path / "in", classes=2, per_class=3)
+    out = tmp_path / "out"
+    summary = _job(tmp_path / "in", out, variants="center,flip", rows_per_shard=4, batch_size=3)
+    assert summary["complete"] and summary["images"] == 6 and summary["shards"] == 2
+
+    m = _manifest(out)
+    assert m["variants"] == ["center", "flip"] and m["codebook_size"] == 1024 and m["tokens_per_image"] == 256
+    assert m["fingerprint"] == VFMTokenizer.from_config("tiny", seed=0).fingerprint
+    for shard in m["shards"]:
+        data = (out / shard["path"]).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == shard["sha256"] and len(data) == shard["bytes"]
+        table = pq.read_table(out / shard["path"])
+        assert str(table.schema.field("tokens").type) == "fixed_size_list<element: uint16>[512]"
+        assert str(table.schema.field("label").type) == "int32"
+
+    rows = _parquet_rows(out)
+    assert rows["key"].to_list() == keys and rows["label"].to_list() == [0, 0, 0, 1, 1, 1]
+    # Tokens equal VFMTokenizer.encode on the same crops, variant-major within a row.
+    tok = VFMTokenizer.from_config("tiny", seed=0)
+    for key, tokens in zip(rows["key"], rows["tokens"]):
+        raw = (tmp_path / "in" / f"{key}.png").read_bytes()
+        crops = make_variants(decode_image(raw), 112, ("center", "flip"))
+        expected = tok.encode(to_tensor(crops)).numpy().reshape(-1)
+        np.testing.assert_array_equal(np.asarray(tokens), expected)
+        assert rows.filter(pl.col("key") == key)["sha256"][0] == hashlib.sha256(raw).digest()
+
+    again = _job(tmp_path / "in", out, variants="center,flip", rows_per_shard=4)
+    assert again["this_run"]["images"] == 0 and _manifest(out) == m
+
+
+def test_other_tokenizer_or_variants_are_refused_unless_overwrite(tmp_path):
+    write_folder(tmp_path / "in", classes=1, per_class=2)
+    out = tmp_path / "out"
+    _job(tmp_path / "in", out)
+    with pytest.raises(IncompatibleOutput, match="fingerprint"):
+        _job(tmp_path / "in", out, seed=1)
+    with pytest.raises(IncompatibleOutput, match="variants"):
+        _job(tmp_path / "in", out, variants="flip")
+    summary = _job(tmp_path / "in", out, variants="flip", overwrite=True)
+    assert summary["images"] == 2 and _manifest(out)["variants"] == ["flip"]
+
+
+def test_webdataset_output_reads_back_with_webdataset(tmp_path):
+    import webdataset as wds
+
+    write_tar(tmp_path / "in" / "a.tar", [(f"s{i}", {"jpg": jpeg_bytes(i), "cls": str(i).encode()}) for i in range(4)])
+    out = tmp_path / "out"
+    _job(tmp_path / "in", out, format="webdataset", variants="center,flip")
+    shards = [str(out / s["path"]) for s in _manifest(out)["shards"]]
+    samples = list(wds.WebDataset(shards, shardshuffle=False).decode())
+    assert [s["__key__"] for s in samples] == [f"a/s{i}" for i in range(4)]
+    for i, s in enumerate(samples):
+        assert s["tokens.npy"].shape == (2, 256) and s["tokens.npy"].dtype == np.uint16
+        assert s["cls"] == i and s["json"]["key"] == f"a/s{i}" and s["json"]["variants"] == ["center", "flip"]
+
+
+def test_bad_inputs_are_rejected_and_good_ones_tokenized_once(tmp_path):
+    good = {f"good{i}": {"jpg": jpeg_bytes(i)} for i in range(3)}
+    cmyk = io.BytesIO()
+    from PIL import Image
+
+    Image.new("CMYK", (50, 40), (0, 255, 0, 0)).save(cmyk, format="JPEG")
+    bad = [
+        ("truncated", {"jpg": jpeg_bytes(9)[:200]}),
+        ("empty", {"png": b""}),
+        ("text", {"png": b"definitely not an image"}),
+        ("bomb", {"png": bomb_bytes()}),
+        ("good0", {"jpg": jpeg_bytes(100)}),  # duplicate key: the first occurrence wins
+    ]
+    write_tar(tmp_path / "in" / "mix.tar", [*good.items(), ("cmyk", {"jpg": cmyk.getvalue()}), *bad])
+    out = tmp_path / "out"
+    summary = _job(tmp_path / "in", out)
+    assert summary["images"] == 4
+    assert summary["rejects_by_reason"] == {"corrupt": 1, "duplicate_key": 1, "empty": 1, "not_an_image": 1, "too_large": 1}
+    rows = _parquet_rows(out)
+    assert sorted(rows["key"].to_list()) == ["mix/cmyk", "mix/good0", "mix/good1", "mix/good2"]
+    good0 = rows.filter(pl.col("key") == "mix/good0")["sha256"][0]
+    assert good0 == hashlib.sha256(jpeg_bytes(0)).digest()
+    m = _manifest(out)
+    rejects = pl.read_parquet(out / m["shards"][0]["rejects_path"])
+    assert dict(zip(rejects["key"], rejects["reason"])) == {
+        "mix/truncated": "corrupt", "mix/empty": "empty", "mix/text": "not_an_image",
+        "mix/bomb": "too_large", "mix/good0": "duplicate_key",
+    }
+    assert all(rejects["error"].str.len_chars() > 0)
+
+
+def test_s3_input_and_output(tmp_path, s3_bucket):
+    import s3fs
+
+    bucket, opts = s3_bucket
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, **opts)
+    for t in range(2):
+        write_tar(tmp_path / f"t{t}.tar", [(f"k{i}", {"jpg": jpeg_bytes(10 * t + i), "cls": b"3"}) for i in range(3)])
+        fs.put(str(tmp_path / f"t{t}.tar"), f"{bucket}/in/t{t}.tar")
+    out = f"s3://{bucket}/tokens"
+    summary = _job(f"s3://{bucket}/in", out, storage_options=json.dumps(opts))
+    assert summary["images"] == 6 and summary["complete"]
+    manifest = json.loads(fs.cat_file(f"{bucket}/tokens/manifest.json"))
+    table = pq.read_table(io.BytesIO(fs.cat_file(f"{bucket}/tokens/{manifest['shards'][1]['path']}")))
+    assert table.column("key").to_pylist() == ["t1/k0", "t1/k1", "t1/k2"]
+    assert set(table.column("label").to_pylist()) == {3}
+    # Local run of the same data gives the same shard bytes.
+    for t in range(2):
+        (tmp_path / "local" ).mkdir(exist_ok=True)
+        (tmp_path / "local" / f"t{t}.tar").write_bytes((tmp_path / f"t{t}.tar").read_bytes())
+    _job(tmp_path / "local", tmp_path / "lout")
+    assert [s["sha256"] for s in _manifest(tmp_path / "lout")["shards"]] == [s["sha256"] for s in manifest["shards"]]
+
+
+def _many_tars(root: Path, n_tars: int = 16, per_tar: int = 3) -> None:
+    for t in range(n_tars):
+        write_tar(root / f"p{t:03d}.tar", [(f"k{i}", {"png": png_bytes(t * 100 + i)}) for i in range(per_tar)])
+
+
+def test_worker_killed_mid_job_still_exactly_once(tmp_path, ray_cluster):
+    _many_tars(tmp_path / "in", n_tars=24)
+    reference = tmp_path / "ref"
+    _job(tmp_path / "in", reference)
+
+    out = tmp_path / "out"
+    result: dict = {}
+    job = threading.Thread(target=lambda: result.update(_job(tmp_path / "in", out)))
+    job.start()
+    commits = out / "_state" / "commits"
+    deadline = time.time() + 60
+    while time.time() < deadline and not (commits.exists() and any(commits.iterdir())):
+        time.sleep(0.01)
+    actor = ray_cluster.get_actor("vfmtok-tokenizer-0")
+    pid = ray_cluster.get(actor.info.remote())["pid"]
+    os.kill(pid, signal.SIGKILL)
+    restarted = ray_cluster.get(actor.info.remote(), timeout=60)["pid"]
+    job.join(timeout=120)
+    assert restarted != pid
+    assert result["complete"] and result["images"] == 72
+    rows = _parquet_rows(out)
+    assert rows["key"].n_unique() == rows.height == 72
+    assert _manifest(out)["shards"] == _manifest(reference)["shards"]
+
+
+def test_driver_killed_and_rerun_gives_the_uninterrupted_output(tmp_path):
+    _many_tars(tmp_path / "in", n_tars=30)
+    cmd = [sys.executable, "-m", "jobs.tokenize", "--input", str(tmp_path / "in"), "--variants", "center,flip"]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    subprocess.run([*cmd, "--output", str(tmp_path / "ref")], cwd=ROOT, env=env, check=True, capture_output=True)
+
+    out = tmp_path / "out"
+    proc = subprocess.Popen([*cmd, "--output", str(out)], cwd=ROOT, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    commits = out / "_state" / "commits"
+    deadline = time.time() + 90
+    while time.time() < deadline and not (commits.exists() and len(list(commits.iterdir())) >= 3):
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_before = len(list(commits.iterdir()))
+    assert 0 < done_before < 30, "the driver should die mid-job"
+    assert not (out / "manifest.json").exists()
+
+    rerun = subprocess.run([*cmd, "--output", str(out)], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert f"{done_before} of 30 work items already committed" in rerun.stderr
+    assert _manifest(out)["shards"] == _manifest(tmp_path / "ref")["shards"]
+    rows = _parquet_rows(out)
+    assert rows["key"].n_unique() == rows.height == 90
