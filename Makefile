@@ -28,6 +28,7 @@ test-all: $(VENV)/.ready-test  ## every test, including the slow ones
 bench: $(VENV)/.ready-bench  ## benchmarks (print side-by-side ratios)
 	$(PY) -m bench.encode --batch-size 2 --repeats 3 --bf16
 	$(PY) -m bench.sample
+	$(PY) -m bench.pipeline
 
 clean:
 	rm -rf out .pytest_cache

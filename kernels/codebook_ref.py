@@ -39,6 +39,7 @@ def codebook_lookup_torch(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tens
     out = torch.empty(flat.shape[0], dtype=torch.long, device=z.device)
     for start in range(0, flat.shape[0], rows):
         chunk = flat[start : start + rows]
-        dist = chunk.pow(2).sum(-1, keepdim=True) + code_sq - 2 * (chunk @ codes.t())
+        # |z|^2 + |e|^2 - 2 z.e with the matmul, scaling and addition fused into one pass.
+        dist = torch.addmm(chunk.pow(2).sum(-1, keepdim=True) + code_sq, chunk, codes.t(), alpha=-2)
         out[start : start + rows] = dist.argmin(-1)
     return out.view(lead)

@@ -71,13 +71,13 @@ def ms_deform_attn_torch(
     value = value.to(compute)
     # grid_sample wants coordinates in [-1, 1]; one (N*M) "image" per head.
     grid = (2 * sampling_locations.to(compute) - 1).permute(0, 2, 1, 3, 4, 5).flatten(0, 1)
-    sampled = []
+    weights = attention_weights.to(compute).transpose(1, 2).reshape(n * m, 1, lq, n_levels, n_points)
+    out = None
+    # Weight and reduce each level as it is sampled: no (N*M, D, Lq, L*P) stack is materialised.
     for level, ((h, w), start) in enumerate(zip(shapes, starts)):
         v = value[:, start : start + h * w].permute(0, 2, 3, 1).reshape(n * m, d, h, w)
-        sampled.append(
-            F.grid_sample(v, grid[:, :, level], mode="bilinear", padding_mode="zeros", align_corners=False)
-        )  # (N*M, D, Lq, P)
-    stacked = torch.stack(sampled, dim=-2).flatten(-2)  # (N*M, D, Lq, L*P)
-    weights = attention_weights.to(compute).transpose(1, 2).reshape(n * m, 1, lq, n_levels * n_points)
-    out = (stacked * weights).sum(-1).view(n, m * d, lq)
+        sampled = F.grid_sample(v, grid[:, :, level], mode="bilinear", padding_mode="zeros", align_corners=False)
+        part = (sampled * weights[..., level, :]).sum(-1)  # (N*M, D, Lq)
+        out = part if out is None else out + part
+    out = out.view(n, m * d, lq)
     return out.transpose(1, 2).contiguous().to(out_dtype)

@@ -13,7 +13,7 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from vfmtok_core.preprocess import center_crop
+from vfmtok_core.crop import center_crop
 
 VARIANT_SETS = {
     "center": ("center",),

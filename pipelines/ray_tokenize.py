@@ -156,12 +156,16 @@ def start_workers(spec: TokenizerSpec, workers: int, gpus_per_worker: float, thr
     import ray
 
     actor_cls = ray.remote(TokenizerWorker)
+    # Actors hold no logical CPU: their count is explicit, and Ray's CPU slots are left to the
+    # decode tasks that feed them (a CPU actor reserving a slot could starve its own input on a
+    # small machine). CPU actors are spread over nodes; GPU actors are placed by their GPUs.
     # Named so that operators (and the fault tests) can find them: ``ray.get_actor("vfmtok-tokenizer-0")``.
     return [
         actor_cls.options(
             name=f"vfmtok-tokenizer-{i}",
             num_gpus=gpus_per_worker,
-            num_cpus=0 if gpus_per_worker else 1,
+            num_cpus=0,
+            scheduling_strategy="DEFAULT" if gpus_per_worker else "SPREAD",
             max_restarts=-1,
             max_task_retries=-1,
         ).remote(spec, batch_size, threads)

@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -212,7 +213,9 @@ def test_driver_killed_and_rerun_gives_the_uninterrupted_output(tmp_path):
 
     rerun = subprocess.run([*cmd, "--output", str(out)], cwd=ROOT, env=env, capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
-    assert f"{done_before} of 30 work items already committed" in rerun.stderr
+    # Tasks already running when the driver died may still commit (same bytes, same names).
+    resumed = int(re.search(r"(\d+) of 30 work items already committed", rerun.stderr).group(1))
+    assert done_before <= resumed < 30
     assert _manifest(out)["shards"] == _manifest(tmp_path / "ref")["shards"]
     rows = _parquet_rows(out)
     assert rows["key"].n_unique() == rows.height == 90

@@ -146,7 +146,7 @@ def _tiny() -> TokenizerConfig:
         name="tiny",
         image_size=112,
         dinov2=DinoV2Config(embed_dim=64, depth=4, num_heads=2, pos_grid=16, levels=(0, 1, 2, 3)),
-        encoder=EncoderConfig(dim=64, depth=2, num_heads=4, num_points=4, ffn_dim=256, num_queries=256),
+        encoder=EncoderConfig(dim=32, depth=1, num_heads=2, num_points=4, ffn_dim=64, num_queries=256),
         quantizer=QuantizerConfig(codebook_size=1024, code_dim=12),
         decoder=DecoderConfig(dim=64, depth=2, num_heads=4, mlp_dim=128, patch_size=16),
         pixel_decoder=PixelDecoderConfig(ch=32, ch_mult=(1, 1, 1, 1, 2)),

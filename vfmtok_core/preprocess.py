@@ -12,19 +12,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from vfmtok_core.crop import center_crop
 
-def center_crop(pil_image: Image.Image, size: int) -> Image.Image:
-    """ADM centre crop: BOX-halve while the short side is >= 2*size, BICUBIC-resize the short side
-    to ``size`` (each side becomes ``round(side * size / short)``), then crop the centre.
-    """
-    img = pil_image
-    while min(img.size) >= 2 * size:
-        img = img.resize(tuple(s // 2 for s in img.size), resample=Image.BOX)
-    scale = size / min(img.size)
-    img = img.resize(tuple(round(s * scale) for s in img.size), resample=Image.BICUBIC)
-    left = (img.size[0] - size) // 2
-    top = (img.size[1] - size) // 2
-    return img.crop((left, top, left + size, top + size))
+__all__ = ["center_crop", "resize_for_encoder", "resize_output", "to_tensor", "to_uint8"]
 
 
 def to_tensor(images: np.ndarray | Image.Image | list) -> torch.Tensor:

@@ -1,0 +1,54 @@
+"""jobs.inspect on a token dataset: per-class counts, code usage and entropy, rejects, the plot."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from jobs.inspect import main
+from pipelines.manifest import build_manifest, write_manifest
+from pipelines.shards import ShardRows, parquet_bytes, rejects_bytes, webdataset_bytes
+from pipelines.storage import filesystem
+
+
+def _dataset(root: Path, fmt: str) -> None:
+    tokens = np.zeros((3, 1, 256), np.uint16)
+    tokens[0, 0, :128] = 5
+    tokens[1, 0, :] = 7
+    tokens[2, 0, :] = np.arange(256)
+    rows = ShardRows(["a", "b", "c"], [1, 1, None], ["src"] * 3, [bytes(32)] * 3, tokens)
+    (root / "shards").mkdir(parents=True)
+    (root / "rejects").mkdir()
+    name = "shards/shard-000000." + ("parquet" if fmt == "parquet" else "tar")
+    (root / name).write_bytes(parquet_bytes(rows) if fmt == "parquet" else webdataset_bytes(rows, ("center",)))
+    (root / "rejects/shard-000000.parquet").write_bytes(
+        rejects_bytes([{"key": "x", "source": "src", "reason": "corrupt", "error": "boom"}])
+    )
+    commit = {"shard": "shard-000000", "path": name, "rows": 3, "bytes": 1, "sha256": "0", "rejects": 1,
+              "rejects_path": "rejects/shard-000000.parquet", "rejects_by_reason": {"corrupt": 1}}
+    identity = {"fingerprint": "tiny-x", "variants": ["center"], "format": fmt, "tokens_per_image": 256}
+    fs, path = filesystem(str(root))
+    write_manifest(fs, path, build_manifest(identity, {}, 1024, {"shard-000000": commit}, 1))
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "webdataset"])
+def test_summary(tmp_path, fmt, capsys):
+    _dataset(tmp_path / "ds", fmt)
+    summary = main([str(tmp_path / "ds"), "--plot", str(tmp_path / "usage.png")])
+    assert summary["images"] == 3
+    assert summary["classes"] == {1: 2, "none": 1}
+    assert summary["codes_used"] == 256  # 0..255 from row c, 5 and 7 are among them
+    assert summary["rejects_by_reason"] == {"corrupt": 1}
+    assert 0 < summary["entropy_bits"] < 8 and summary["max_entropy_bits"] == 10
+    assert Image.open(tmp_path / "usage.png").size == (1024, 320)
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["images"] == 3
+
+
+def test_not_a_dataset(tmp_path):
+    with pytest.raises(FileNotFoundError, match="manifest.json"):
+        main([str(tmp_path)])
