@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import pickle
@@ -10,6 +11,10 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from pipelines.manifest import build_manifest, write_manifest
+from pipelines.shards import ShardRows, parquet_bytes
+from pipelines.storage import filesystem
 
 
 def png_bytes(seed: int, size=(60, 40), mode="RGB") -> bytes:
@@ -76,3 +81,32 @@ class Exploit:
 
     def __reduce__(self):
         return (os.system, (f"touch {self.marker}",))
+
+
+def make_token_dataset(
+    root: Path, shards: int = 7, rows: int = 13, variants: int = 2, fingerprint: str = "tiny-abc"
+) -> list[str]:
+    """A token dataset with known contents: token value = sample number * 10 + variant (mod 1024)."""
+    (root / "shards").mkdir(parents=True)
+    commits, keys = {}, []
+    n = 0
+    for s in range(shards):
+        count = rows + (s % 3)  # ragged shards
+        k = [f"img{n + i:05d}" for i in range(count)]
+        tok = np.zeros((count, variants, 256), np.uint16)
+        for i in range(count):
+            for v in range(variants):
+                tok[i, v] = ((n + i) * 10 + v) % 1024
+        data = parquet_bytes(ShardRows(k, [(n + i) % 5 for i in range(count)], ["src"] * count, [bytes(32)] * count, tok))
+        name = f"shards/shard-{s:06d}.parquet"
+        (root / name).write_bytes(data)
+        commits[f"shard-{s:06d}"] = {"shard": f"shard-{s:06d}", "path": name, "rows": count, "bytes": len(data),
+                                    "sha256": hashlib.sha256(data).hexdigest(), "rejects": 0, "rejects_path": None,
+                                    "rejects_by_reason": {}}
+        keys += k
+        n += count
+    identity = {"fingerprint": fingerprint, "variants": [f"v{i}" for i in range(variants)], "format": "parquet",
+                "tokens_per_image": 256}
+    fs, path = filesystem(str(root))
+    write_manifest(fs, path, build_manifest(identity, {}, 1024, commits, shards))
+    return keys

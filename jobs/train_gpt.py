@@ -1,0 +1,246 @@
+"""Train a class-conditional GPT on token shards, streamed; no image is ever re-encoded.
+
+Runs as a single process (the embedded default), under ``torchrun`` (DDP, or FSDP with ``--fsdp``)
+or on Ray Train with ``--ray-workers N`` (e.g. under ``ray job submit``). Checkpoints (model, EMA,
+optimiser, data position, step) are written atomically to ``--out`` (local or S3); ``--resume``
+continues from the newest one with the same samples and the same dropout draws an uninterrupted
+run would have used.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from jobs.cli import parse_config, setup_logging
+from pipelines.checkpoints import load_latest, save_checkpoint
+from pipelines.storage import filesystem, is_local, join
+from pipelines.streaming import TokenDataset, TokenLoader
+from vfmtok_core.gpt import GPT, GPT_CONFIGS
+from vfmtok_core.training import EMA, adamw
+
+log = logging.getLogger("jobs.train_gpt")
+
+
+@dataclass
+class TrainConfig:
+    """Train a class-conditional GPT (LlamaGen/VFMTok recipe) on streamed token shards."""
+
+    data: str = field(default="", metadata={"help": "token dataset URL (folder with manifest.json; required)"})
+    out: str = field(default="out/train", metadata={"help": "checkpoint folder (local or fsspec URL)"})
+    size: str = field(default="GPT-tiny", metadata={"help": "GPT size", "choices": sorted(GPT_CONFIGS)})
+    epochs: int = field(default=300, metadata={"help": "epochs (upstream: 300 for B/L, 200 above)"})
+    max_steps: int = field(default=0, metadata={"help": "stop after this many steps in all (0: all epochs)"})
+    global_batch: int = field(default=512, metadata={"help": "samples per optimiser step over all ranks"})
+    lr: float = field(default=1e-4, metadata={"help": "AdamW learning rate (constant, as upstream)"})
+    beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
+    beta2: float = field(default=0.95, metadata={"help": "AdamW beta2"})
+    weight_decay: float = field(default=0.05, metadata={"help": "on matrices and embeddings only"})
+    grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm"})
+    ema: float = field(default=0.9999, metadata={"help": "EMA decay"})
+    class_dropout: float = field(default=0.1, metadata={"help": "probability of the null class in training"})
+    dropout: float = field(default=0.1, metadata={"help": "token, residual and FFN dropout"})
+    precision: str = field(default="bf16", metadata={"help": "autocast precision", "choices": ["bf16", "fp32"]})
+    seed: int = field(default=0, metadata={"help": "model init, data order and dropout seed"})
+    num_workers: int = field(default=2, metadata={"help": "DataLoader workers per rank"})
+    ckpt_every: int = field(default=1000, metadata={"help": "checkpoint every N steps (and at the end)"})
+    log_every: int = field(default=10, metadata={"help": "log metrics every N steps"})
+    resume: bool = field(default=False, metadata={"help": "continue from the newest checkpoint in --out"})
+    fsdp: bool = field(default=False, metadata={"help": "shard parameters with FSDP instead of DDP"})
+    ray_workers: int = field(default=0, metadata={"help": "run on Ray Train with this many workers"})
+    skip_bad_shards: bool = field(default=False, metadata={"help": "log and skip unreadable shards"})
+    storage_options: str = field(default="{}", metadata={"help": "JSON fsspec options for --data and --out"})
+    metrics: str | None = field(default=None, metadata={"help": "JSONL metrics file (default: <out>/metrics.jsonl if local)"})
+
+
+def _setup_distributed() -> tuple[int, int, torch.device]:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    return rank, world, device
+
+
+def _wrap(model: torch.nn.Module, cfg: TrainConfig, world: int, device: torch.device) -> torch.nn.Module:
+    if world == 1:
+        return model
+    if cfg.fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        for block in model.layers:
+            fully_shard(block)
+        return fully_shard(model)
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def _state(model, opt) -> tuple[dict, dict]:
+    """Full (unsharded) model and optimiser state dicts, on the CPU."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_state_dict(model, opt, options=options)
+
+
+def _restore(model, opt, model_state: dict, opt_state: dict) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    set_state_dict(model, opt, model_state_dict=model_state, optim_state_dict=opt_state,
+                   options=StateDictOptions(full_state_dict=True))
+
+
+def _mean(value: torch.Tensor, world: int) -> float:
+    if world > 1:
+        value = value.detach().clone()
+        dist.all_reduce(value)
+        value /= world
+    return float(value.detach())
+
+
+def train(cfg: TrainConfig) -> dict:
+    """The training loop (one call per rank); returns the last metrics on every rank."""
+    if not cfg.data:
+        raise SystemExit("--data is required")
+    rank, world, device = _setup_distributed()
+    so = json.loads(cfg.storage_options)
+    if cfg.global_batch % world:
+        raise SystemExit(f"--global-batch {cfg.global_batch} is not divisible by the world size {world}")
+    per_rank = cfg.global_batch // world
+    ckpt = load_latest(cfg.out, so)
+    if ckpt is not None and not cfg.resume:
+        raise SystemExit(f"{cfg.out} already holds checkpoints; pass --resume to continue, or use another --out")
+    if ckpt is not None and ckpt["size"] != cfg.size:
+        raise SystemExit(f"the checkpoint in {cfg.out} is {ckpt['size']}, not {cfg.size}")
+
+    ds = TokenDataset(
+        cfg.data, seed=cfg.seed, rank=rank, world_size=world, storage_options=so, batch_size=per_rank,
+        expected_fingerprint=ckpt["fingerprint"] if ckpt else None, skip_bad_shards=cfg.skip_bad_shards,
+    )
+    steps_per_epoch = len(ds) // cfg.global_batch
+    if steps_per_epoch == 0:
+        raise SystemExit(f"{cfg.data} has {len(ds)} samples, fewer than one global batch of {cfg.global_batch}")
+    total = cfg.max_steps or cfg.epochs * steps_per_epoch
+
+    model = GPT.from_config(
+        cfg.size, seed=cfg.seed, vocab_size=ds.manifest["codebook_size"], block_size=ds.tokens_per_image,
+        class_dropout=cfg.class_dropout, token_dropout=cfg.dropout, resid_dropout=cfg.dropout, ffn_dropout=cfg.dropout,
+    ).to(device)
+    model.train()
+    wrapped = _wrap(model, cfg, world, device)
+    ema = EMA(model, cfg.ema)
+    opt = adamw(wrapped, cfg.lr, (cfg.beta1, cfg.beta2), cfg.weight_decay)
+    step = 0
+    if ckpt is not None:
+        _restore(wrapped, opt, ckpt["model"], ckpt["optimizer"])
+        ema.load_state_dict(ckpt["ema"])
+        ds.load_state_dict(ckpt["data"])
+        step = ckpt["step"]
+        if rank == 0:
+            log.info("resumed from step %d (epoch %d, %d samples into it)", step, ds.epoch, ds.consumed)
+    loader = TokenLoader(ds, per_rank, num_workers=cfg.num_workers)
+
+    metrics_path = cfg.metrics or (join(filesystem(cfg.out, so)[1], "metrics.jsonl") if is_local(filesystem(cfg.out, so)[0]) else None)
+    if rank == 0 and metrics_path:
+        Path(metrics_path).parent.mkdir(parents=True, exist_ok=True)
+    bar = tqdm(total=total, initial=step, desc="train", unit="step", disable=rank != 0, dynamic_ncols=True)
+    last: dict = {}
+    t0, seen = time.perf_counter(), 0
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+    while step < total:
+        epoch = step // steps_per_epoch
+        ds.set_epoch(epoch)
+        for batch in loader:
+            # Dropout and class dropout draw from a stream fixed by (seed, step, rank): resumes repeat them.
+            torch.manual_seed(cfg.seed * 1_000_003 + step * world + rank)
+            labels, tokens = batch["label"].to(device), batch["tokens"].to(device)
+            with autocast:
+                logits = wrapped(labels, tokens)
+            loss = F.cross_entropy(logits.float().flatten(0, 1), tokens.flatten())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(wrapped.parameters(), cfg.grad_clip)
+            opt.step()
+            ema.update(model)
+            step += 1
+            seen += labels.shape[0] * world
+            if step % cfg.log_every == 0 or step == total:
+                elapsed = time.perf_counter() - t0
+                last = {
+                    "step": step, "epoch": epoch, "loss": _mean(loss, world), "grad_norm": float(grad_norm),
+                    "lr": cfg.lr, "samples_per_s": seen / elapsed if elapsed else 0.0,
+                }
+                if rank == 0:
+                    bar.set_postfix(loss=f"{last['loss']:.4f}", samples_s=f"{last['samples_per_s']:.0f}")
+                    log.info("step %d epoch %d loss %.6f grad_norm %.4f", step, epoch, last["loss"], last["grad_norm"])
+                    if metrics_path:
+                        with open(metrics_path, "a") as f:
+                            f.write(json.dumps(last) + "\n")
+            if step % cfg.ckpt_every == 0 or step == total:
+                model_state, opt_state = _state(wrapped, opt)
+                ema_state = ema.state_dict()
+                if rank == 0:
+                    state = {
+                        "model": model_state, "ema": ema_state, "optimizer": opt_state, "data": ds.state_dict(),
+                        "step": step, "size": cfg.size, "fingerprint": ds.fingerprint, "config": asdict(cfg),
+                    }
+                    path = save_checkpoint(cfg.out, step, state, so)
+                    log.info("checkpoint %s", path)
+                if world > 1:
+                    dist.barrier()
+            bar.update(1)
+            if step >= total or step // steps_per_epoch != epoch:
+                break
+    bar.close()
+    if rank == 0 and not last:
+        log.info("nothing to do: %s is already at step %d of %d", cfg.out, step, total)
+    if world > 1:
+        dist.barrier()
+    return last
+
+
+def run_on_ray(cfg: TrainConfig) -> dict:
+    """Run :func:`train` on ``cfg.ray_workers`` Ray Train workers (DDP inside)."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from pipelines.ray_runtime import ray_session
+
+    with ray_session() as ray:
+        use_gpu = ray.cluster_resources().get("GPU", 0) >= cfg.ray_workers
+        trainer = TorchTrainer(
+            lambda: train(cfg),
+            scaling_config=ScalingConfig(num_workers=cfg.ray_workers, use_gpu=use_gpu),
+            run_config=RunConfig(storage_path=os.path.abspath("out/ray_results"), name="train_gpt"),
+        )
+        result = trainer.fit()
+    return result.metrics or {}
+
+
+def main(argv=None) -> None:
+    setup_logging()
+    cfg = parse_config(TrainConfig, argv, description=__doc__)
+    last = run_on_ray(cfg) if cfg.ray_workers else train(cfg)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(json.dumps(last))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

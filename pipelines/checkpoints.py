@@ -1,0 +1,38 @@
+"""Training checkpoints on local disk or any fsspec URL, written atomically.
+
+``<dir>/step-00001234.pt`` holds everything a resume needs; ``<dir>/latest.json`` names the newest
+one and is written after it, so a crash mid-save leaves the previous checkpoint in charge.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping
+
+import torch
+
+from pipelines.storage import atomic_write, filesystem, join, read_json, write_json
+
+LATEST = "latest.json"
+
+
+def save_checkpoint(url: str, step: int, state: dict, storage_options: Mapping | None = None) -> str:
+    fs, root = filesystem(url, storage_options)
+    name = f"step-{step:08d}.pt"
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    atomic_write(fs, join(root, name), buf.getvalue())
+    write_json(fs, join(root, LATEST), {"step": step, "path": name})
+    return join(root, name)
+
+
+def load_latest(url: str, storage_options: Mapping | None = None) -> dict | None:
+    """The newest checkpoint's state (tensors on the CPU), or None when there is none yet."""
+    fs, root = filesystem(url, storage_options)
+    if not fs.exists(join(root, LATEST)):
+        return None
+    latest = read_json(fs, join(root, LATEST))
+    with fs.open(join(root, latest["path"]), "rb") as f:
+        data = f.read()
+    # Our own files: weights, optimiser state and plain Python values only.
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)

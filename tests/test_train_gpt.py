@@ -1,0 +1,137 @@
+"""The GPT trainer: streams shards, checkpoints atomically, resumes exactly (single process, torchrun
+DDP and FSDP on gloo, killed mid-run), reads S3, and refuses tokens from another tokenizer."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from jobs.train_gpt import TrainConfig, train
+from pipelines.streaming import DatasetMismatch
+from tests.pipeline_data import make_token_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = dict(global_batch=8, log_every=1, precision="fp32", num_workers=0)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tokens") / "ds"
+    make_token_dataset(root, shards=6, rows=20)
+    return root
+
+
+def _losses(metrics: Path) -> dict[int, float]:
+    out = {}
+    for line in metrics.read_text().splitlines():
+        rec = json.loads(line)
+        out[rec["step"]] = rec["loss"]  # a resumed run may log a step twice; the values must agree
+    return out
+
+
+def test_resume_repeats_the_uninterrupted_run(tmp_path, data):
+    full = tmp_path / "full"
+    train(TrainConfig(data=str(data), out=str(full), max_steps=20, ckpt_every=5, **FAST))  # crosses an epoch (15 steps)
+    part = tmp_path / "part"
+    train(TrainConfig(data=str(data), out=str(part), max_steps=7, ckpt_every=5, num_workers=0, global_batch=8,
+                      log_every=1, precision="fp32"))
+    # The run "died" after step 7; the newest checkpoint is step 7 (the final one).
+    train(TrainConfig(data=str(data), out=str(part), max_steps=20, ckpt_every=5, resume=True, **{**FAST, "num_workers": 2}))
+    assert _losses(part / "metrics.jsonl") == _losses(full / "metrics.jsonl")
+
+
+def test_existing_checkpoints_need_resume(tmp_path, data):
+    train(TrainConfig(data=str(data), out=str(tmp_path / "o"), max_steps=1, **FAST))
+    with pytest.raises(SystemExit, match="--resume"):
+        train(TrainConfig(data=str(data), out=str(tmp_path / "o"), max_steps=2, **FAST))
+
+
+def test_resume_refuses_tokens_of_another_tokenizer(tmp_path, data):
+    train(TrainConfig(data=str(data), out=str(tmp_path / "o"), max_steps=1, **FAST))
+    other = tmp_path / "other"
+    make_token_dataset(other, shards=6, rows=20, fingerprint="vfmtok-l14-336-ffff")
+    with pytest.raises(DatasetMismatch, match="cannot be mixed"):
+        train(TrainConfig(data=str(other), out=str(tmp_path / "o"), max_steps=2, resume=True, **FAST))
+
+
+def test_data_and_checkpoints_on_s3(tmp_path, data, s3_bucket):
+    import s3fs
+    import torch
+
+    bucket, opts = s3_bucket
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, **opts)
+    fs.put(str(data), f"{bucket}/tokens", recursive=True)
+    cfg = dict(data=f"s3://{bucket}/tokens", out=f"s3://{bucket}/run", storage_options=json.dumps(opts),
+               metrics=str(tmp_path / "m.jsonl"), ckpt_every=2)
+    train(TrainConfig(max_steps=2, **cfg, **FAST))
+    train(TrainConfig(max_steps=4, resume=True, **cfg, **FAST))
+    latest = json.loads(fs.cat_file(f"{bucket}/run/latest.json"))
+    assert latest["step"] == 4 and fs.exists(f"{bucket}/run/step-00000002.pt")
+    from pipelines.checkpoints import load_latest
+
+    state = load_latest(f"s3://{bucket}/run", opts)
+    assert state["data"]["consumed"] == 32 and isinstance(state["model"]["norm.weight"], torch.Tensor)
+
+
+def _descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL torchrun and its workers (they do not share its process group)."""
+    for p in [*_descendants(pid), pid]:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_torchrun_two_processes_killed_and_resumed(tmp_path, data, parallel):
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    base = [torchrun, "--nproc_per_node=2", "-m", "jobs.train_gpt", "--data", str(data), "--global-batch", "8",
+            "--max-steps", "14", "--ckpt-every", "3", "--log-every", "1", "--precision", "fp32", "--num-workers", "1"]
+    if parallel == "fsdp":
+        base.append("--fsdp")
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    ref = subprocess.run([*base, "--out", str(tmp_path / "ref")], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+
+    out = tmp_path / "run"
+    proc = subprocess.Popen([*base, "--out", str(out)], cwd=ROOT, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "latest.json").exists():
+        time.sleep(0.01)
+    _kill_tree(proc.pid)
+    proc.wait()
+    saved = json.loads((out / "latest.json").read_text())["step"]
+    assert saved < 14, "the run should be killed before it finishes"
+
+    resumed = subprocess.run([*base, "--out", str(out), "--resume"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from step {saved}" in resumed.stderr
+    ref_losses, run_losses = _losses(tmp_path / "ref" / "metrics.jsonl"), _losses(out / "metrics.jsonl")
+    assert run_losses[saved + 1] == ref_losses[saved + 1]  # the next step, bit for bit
+    assert run_losses == ref_losses
