@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from jobs.cli import parse_config, setup_logging
-from pipelines.checkpoints import load_latest, save_checkpoint
-from pipelines.storage import filesystem, is_local, join
+from pipelines.checkpoints import LATEST, load_latest, save_checkpoint
+from pipelines.storage import filesystem, is_local, join, read_json
 from pipelines.streaming import TokenDataset, TokenLoader
 from vfmtok_core.gpt import GPT, GPT_CONFIGS
 from vfmtok_core.training import EMA, adamw
@@ -215,21 +215,20 @@ def train(cfg: TrainConfig) -> dict:
 
 
 def run_on_ray(cfg: TrainConfig) -> dict:
-    """Run :func:`train` on ``cfg.ray_workers`` Ray Train workers (DDP inside)."""
-    from ray.train import RunConfig, ScalingConfig
+    """Run :func:`train` on ``cfg.ray_workers`` Ray Train workers (DDP or FSDP inside); returns
+    the newest checkpoint's ``{"step", "path"}``."""
+    from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from pipelines.ray_runtime import ray_session
 
     with ray_session() as ray:
         use_gpu = ray.cluster_resources().get("GPU", 0) >= cfg.ray_workers
-        trainer = TorchTrainer(
-            lambda: train(cfg),
-            scaling_config=ScalingConfig(num_workers=cfg.ray_workers, use_gpu=use_gpu),
-            run_config=RunConfig(storage_path=os.path.abspath("out/ray_results"), name="train_gpt"),
-        )
-        result = trainer.fit()
-    return result.metrics or {}
+        trainer = TorchTrainer(lambda: train(cfg), scaling_config=ScalingConfig(num_workers=cfg.ray_workers, use_gpu=use_gpu))
+        trainer.fit()  # raises if a worker failed
+    # Ray Train keeps metrics only with its own checkpoints; ours are in --out already.
+    fs, root = filesystem(cfg.out, json.loads(cfg.storage_options))
+    return read_json(fs, join(root, LATEST))
 
 
 def main(argv=None) -> None:

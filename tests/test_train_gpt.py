@@ -135,3 +135,17 @@ def test_torchrun_two_processes_killed_and_resumed(tmp_path, data, parallel):
     ref_losses, run_losses = _losses(tmp_path / "ref" / "metrics.jsonl"), _losses(out / "metrics.jsonl")
     assert run_losses[saved + 1] == ref_losses[saved + 1]  # the next step, bit for bit
     assert run_losses == ref_losses
+
+
+def test_ray_train_two_workers(tmp_path, data):
+    from jobs.train_gpt import run_on_ray
+
+    out = tmp_path / "o"
+    latest = run_on_ray(TrainConfig(data=str(data), out=str(out), max_steps=4, ckpt_every=2, ray_workers=2, **FAST))
+    assert latest["step"] == 4
+    ref = tmp_path / "ref"
+    train(TrainConfig(data=str(data), out=str(ref), max_steps=4, **FAST))
+    # Two Ray Train workers and one process consume the same global batches.
+    ray_losses, single = _losses(out / "metrics.jsonl"), _losses(ref / "metrics.jsonl")
+    assert ray_losses.keys() == single.keys()
+    assert all(abs(ray_losses[k] - single[k]) < 1e-4 for k in single)
