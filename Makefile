@@ -14,10 +14,13 @@ $(VENV)/.ready-bench: pyproject.toml tools/bootstrap.sh
 	tools/bootstrap.sh $(VENV) test,bench
 	touch $@ $(VENV)/.ready-test
 
-demo: $(VENV)/.ready-test  ## bundled photos -> WebDataset -> Ray tokenization (tiny) -> Parquet shards -> summary
+demo: $(VENV)/.ready-test  ## photos -> WebDataset -> Ray tokenization (tiny) -> Parquet -> summary -> GPT-tiny training -> samples
 	$(PY) -m pipelines.samples out/demo/photos
 	$(PY) -m jobs.tokenize --input out/demo/photos --output out/demo/tokens --variants center,flip --config tiny
 	$(PY) -m jobs.inspect out/demo/tokens --plot out/demo/usage.png
+	rm -rf out/demo/gpt
+	$(PY) -m jobs.train_gpt --data out/demo/tokens --out out/demo/gpt --size GPT-tiny --global-batch 4 --max-steps 30 --ckpt-every 30 --precision fp32
+	$(PY) -m jobs.sample --gpt out/demo/gpt/step-00000030.pt --size GPT-tiny --config tiny --classes 0,1,2 --per-class 3 --out out/demo/samples.png
 
 test: $(VENV)/.ready-test  ## the default suite (what CI runs)
 	$(PY) -m pytest -q -m "not slow"
@@ -29,6 +32,7 @@ bench: $(VENV)/.ready-bench  ## benchmarks (print side-by-side ratios)
 	$(PY) -m bench.encode --batch-size 2 --repeats 3 --bf16
 	$(PY) -m bench.sample
 	$(PY) -m bench.pipeline
+	$(PY) -m bench.loader
 
 clean:
 	rm -rf out .pytest_cache

@@ -52,7 +52,7 @@ class TrainConfig:
     dropout: float = field(default=0.1, metadata={"help": "token, residual and FFN dropout"})
     precision: str = field(default="bf16", metadata={"help": "autocast precision", "choices": ["bf16", "fp32"]})
     seed: int = field(default=0, metadata={"help": "model init, data order and dropout seed"})
-    num_workers: int = field(default=2, metadata={"help": "DataLoader workers per rank"})
+    num_workers: int = field(default=0, metadata={"help": "DataLoader workers per rank (0: load in-process; shards are still fetched ahead by a thread)"})
     ckpt_every: int = field(default=1000, metadata={"help": "checkpoint every N steps (and at the end)"})
     log_every: int = field(default=10, metadata={"help": "log metrics every N steps"})
     resume: bool = field(default=False, metadata={"help": "continue from the newest checkpoint in --out"})
