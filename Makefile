@@ -33,6 +33,7 @@ bench: $(VENV)/.ready-bench  ## benchmarks (print side-by-side ratios)
 	$(PY) -m bench.sample
 	$(PY) -m bench.pipeline
 	$(PY) -m bench.loader
+	$(PY) -m bench.kernels
 
 clean:
 	rm -rf out .pytest_cache

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
-import pytest
-import torch
+import os
 
-from tests.golden import load_npz, recipe_state_dict
+# Triton kernels run on the CPU in Triton's interpreter; it must be chosen before triton is imported.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from tests.golden import load_npz, recipe_state_dict  # noqa: E402
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -54,7 +54,8 @@ class VFMTokenizer(nn.Module):
         backend: str = "auto",
         decoder_only: bool = False,
     ):
-        """``decoder_only`` leaves out DINOv2 (1.2 GB for ViT-L): enough to decode codes, e.g. for sampling."""
+        """``decoder_only`` leaves out DINOv2 (1.2 GB for ViT-L): enough to decode codes, e.g. for sampling.
+        ``backend`` selects the kernels (see :mod:`kernels.dispatch`)."""
         super().__init__()
         cfg = get_config(config)
         if precision not in PRECISIONS:
@@ -83,11 +84,13 @@ class VFMTokenizer(nn.Module):
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_config(cls, config: str | TokenizerConfig = "tiny", seed: int = 0, device="cpu", precision: str = "fp32"):
+    def from_config(
+        cls, config: str | TokenizerConfig = "tiny", seed: int = 0, device="cpu", precision: str = "fp32", backend: str = "auto"
+    ):
         """Randomly initialised tokenizer (deterministic for a seed), for demos and tests."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = cls(config, precision=precision)
+            model = cls(config, precision=precision, backend=backend)
         return model.to(device)
 
     @classmethod
@@ -100,6 +103,7 @@ class VFMTokenizer(nn.Module):
         precision: str = "fp32",
         storage_options: Mapping | None = None,
         decoder_only: bool = False,
+        backend: str = "auto",
     ) -> "VFMTokenizer":
         """Load the released weights from local paths or fsspec URLs.
 
@@ -109,7 +113,7 @@ class VFMTokenizer(nn.Module):
                 file is a full-model dict that also holds the backbone, and is ignored with
                 ``decoder_only``.
         """
-        model = cls(config, precision=precision, decoder_only=decoder_only)
+        model = cls(config, precision=precision, decoder_only=decoder_only, backend=backend)
         state = ckpt.select_state_dict(
             ckpt.load_checkpoint(tokenizer, storage_options), ("ema", "model", "state_dict"), tokenizer
         )
