@@ -28,6 +28,25 @@ def _corner(value_ptr, base, hh, ww, H, W, start, stride_s, offs_d, mask_q, mask
 
 
 @triton.jit
+def _taps(value_ptr, loc_ptr, wi, base, H, W, start, stride_s, offs_d, mask_q, mask_d):
+    """Bilinear taps of one (level, point) for BLOCK_Q queries: fractional offsets, the four corner
+    values (BLOCK_Q, BLOCK_D), and each corner's validity and row index (for scattering gradients)."""
+    x = tl.load(loc_ptr + 2 * wi, mask=mask_q, other=0.0).to(tl.float32)
+    y = tl.load(loc_ptr + 2 * wi + 1, mask=mask_q, other=0.0).to(tl.float32)
+    h = y * H - 0.5
+    w = x * W - 0.5
+    h0f = tl.floor(h)
+    w0f = tl.floor(w)
+    h0 = h0f.to(tl.int32)
+    w0 = w0f.to(tl.int32)
+    v00, k00, i00 = _corner(value_ptr, base, h0, w0, H, W, start, stride_s, offs_d, mask_q, mask_d)
+    v01, k01, i01 = _corner(value_ptr, base, h0, w0 + 1, H, W, start, stride_s, offs_d, mask_q, mask_d)
+    v10, k10, i10 = _corner(value_ptr, base, h0 + 1, w0, H, W, start, stride_s, offs_d, mask_q, mask_d)
+    v11, k11, i11 = _corner(value_ptr, base, h0 + 1, w0 + 1, H, W, start, stride_s, offs_d, mask_q, mask_d)
+    return h - h0f, w - w0f, v00, v01, v10, v11, k00, k01, k10, k11, i00, i01, i10, i11
+
+
+@triton.jit
 def _msda_fwd_kernel(
     value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, out_ptr,
     Lq, S, M, D,
@@ -52,20 +71,9 @@ def _msda_fwd_kernel(
             # (N, Lq, M, L, P) weights and (N, Lq, M, L, P, 2) locations
             wi = ((n * Lq + offs_q) * M + m) * (L * P) + l * P + p
             a = tl.load(attn_ptr + wi, mask=mask_q, other=0.0).to(tl.float32)
-            x = tl.load(loc_ptr + 2 * wi, mask=mask_q, other=0.0).to(tl.float32)
-            y = tl.load(loc_ptr + 2 * wi + 1, mask=mask_q, other=0.0).to(tl.float32)
-            h = y * H - 0.5
-            w = x * W - 0.5
-            h0f = tl.floor(h)
-            w0f = tl.floor(w)
-            lh = h - h0f
-            lw = w - w0f
-            h0 = h0f.to(tl.int32)
-            w0 = w0f.to(tl.int32)
-            v00, _, _ = _corner(value_ptr, base, h0, w0, H, W, start, stride_s, offs_d, mask_q, mask_d)
-            v01, _, _ = _corner(value_ptr, base, h0, w0 + 1, H, W, start, stride_s, offs_d, mask_q, mask_d)
-            v10, _, _ = _corner(value_ptr, base, h0 + 1, w0, H, W, start, stride_s, offs_d, mask_q, mask_d)
-            v11, _, _ = _corner(value_ptr, base, h0 + 1, w0 + 1, H, W, start, stride_s, offs_d, mask_q, mask_d)
+            lh, lw, v00, v01, v10, v11, _, _, _, _, _, _, _, _ = _taps(
+                value_ptr, loc_ptr, wi, base, H, W, start, stride_s, offs_d, mask_q, mask_d
+            )
             sample = ((1 - lh) * (1 - lw))[:, None] * v00 + ((1 - lh) * lw)[:, None] * v01 \
                 + (lh * (1 - lw))[:, None] * v10 + (lh * lw)[:, None] * v11
             acc += a[:, None] * sample
@@ -105,22 +113,11 @@ def _msda_bwd_kernel(
         for p in tl.static_range(P):
             wi = ((n * Lq + offs_q) * M + m) * (L * P) + l * P + p
             a = tl.load(attn_ptr + wi, mask=mask_q, other=0.0).to(tl.float32)
-            x = tl.load(loc_ptr + 2 * wi, mask=mask_q, other=0.0).to(tl.float32)
-            y = tl.load(loc_ptr + 2 * wi + 1, mask=mask_q, other=0.0).to(tl.float32)
-            h = y * H - 0.5
-            w = x * W - 0.5
-            h0f = tl.floor(h)
-            w0f = tl.floor(w)
-            lh = h - h0f
-            lw = w - w0f
+            lh, lw, v00, v01, v10, v11, k00, k01, k10, k11, i00, i01, i10, i11 = _taps(
+                value_ptr, loc_ptr, wi, base, H, W, start, stride_s, offs_d, mask_q, mask_d
+            )
             hh = 1 - lh
             hw = 1 - lw
-            h0 = h0f.to(tl.int32)
-            w0 = w0f.to(tl.int32)
-            v00, k00, i00 = _corner(value_ptr, base, h0, w0, H, W, start, stride_s, offs_d, mask_q, mask_d)
-            v01, k01, i01 = _corner(value_ptr, base, h0, w0 + 1, H, W, start, stride_s, offs_d, mask_q, mask_d)
-            v10, k10, i10 = _corner(value_ptr, base, h0 + 1, w0, H, W, start, stride_s, offs_d, mask_q, mask_d)
-            v11, k11, i11 = _corner(value_ptr, base, h0 + 1, w0 + 1, H, W, start, stride_s, offs_d, mask_q, mask_d)
             sample = (hh * hw)[:, None] * v00 + (hh * lw)[:, None] * v01 + (lh * hw)[:, None] * v10 + (lh * lw)[:, None] * v11
             tl.store(grad_attn_ptr + wi, tl.sum(go * sample, axis=1), mask=mask_q)
             d_lw = hh[:, None] * (v01 - v00) + lh[:, None] * (v11 - v10)
