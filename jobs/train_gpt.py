@@ -155,7 +155,8 @@ def train(cfg: TrainConfig) -> dict:
             log.info("resumed from step %d (epoch %d, %d samples into it)", step, ds.epoch, ds.consumed)
     loader = TokenLoader(ds, per_rank, num_workers=cfg.num_workers)
 
-    metrics_path = cfg.metrics or (join(filesystem(cfg.out, so)[1], "metrics.jsonl") if is_local(filesystem(cfg.out, so)[0]) else None)
+    out_fs, out_root = filesystem(cfg.out, so)
+    metrics_path = cfg.metrics or (join(out_root, "metrics.jsonl") if is_local(out_fs) else None)
     if rank == 0 and metrics_path:
         Path(metrics_path).parent.mkdir(parents=True, exist_ok=True)
     bar = tqdm(total=total, initial=step, desc="train", unit="step", disable=rank != 0, dynamic_ncols=True)
