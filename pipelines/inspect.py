@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import io
 import math
-import tarfile
 from collections.abc import Mapping
 
 import numpy as np
 import polars as pl
 
 from pipelines.manifest import MANIFEST
+from pipelines.shards import decode_shard
 from pipelines.storage import filesystem, join, read_json
 
 
@@ -23,19 +23,11 @@ def load_manifest(url: str, storage_options: Mapping | None = None) -> dict:
 
 
 def _shard_frame(data: bytes, fmt: str) -> pl.DataFrame:
-    if fmt == "parquet":
-        return pl.read_parquet(io.BytesIO(data), columns=["key", "label", "tokens"])
-    keys, labels, tokens = [], [], []
-    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
-        members = {m.name: m for m in tar}
-        for name, m in members.items():
-            if name.endswith(".tokens.npy"):
-                base = name[: -len(".tokens.npy")]
-                keys.append(base)
-                tokens.append(np.load(io.BytesIO(tar.extractfile(m).read())).reshape(-1).tolist())
-                cls = members.get(base + ".cls")
-                labels.append(int(tar.extractfile(cls).read()) if cls else None)
-    return pl.DataFrame({"key": keys, "label": labels, "tokens": tokens}, schema_overrides={"label": pl.Int32})
+    keys, labels, tokens = decode_shard(data, fmt)
+    return pl.DataFrame(
+        {"key": keys, "label": [None if x < 0 else int(x) for x in labels], "tokens": tokens.astype(np.uint16)},
+        schema_overrides={"label": pl.Int32},
+    )
 
 
 def load_tokens(url: str, storage_options: Mapping | None = None) -> tuple[dict, pl.DataFrame, pl.DataFrame]:

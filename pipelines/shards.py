@@ -1,4 +1,4 @@
-"""Token shard formats: what users and the trainer read with standard libraries.
+"""Token shard formats (writers and the reader): what users and the trainer read with standard libraries.
 
 Parquet, one row per source image:
     key string, label int32 (null when unknown), tokens fixed_size_list<uint16>[V*256] (row-major by
@@ -113,3 +113,26 @@ def rejects_bytes(rejects: list[dict]) -> bytes:
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd")
     return buf.getvalue()
+
+
+def decode_shard(data: bytes, fmt: str) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Shard bytes -> (keys, labels int64 with -1 for unknown, tokens uint16 (N, V*T))."""
+    if fmt == "parquet":
+        table = pq.read_table(io.BytesIO(data), columns=["key", "label", "tokens"])
+        tokens = table.column("tokens").combine_chunks()
+        width = tokens.type.list_size
+        arr = tokens.flatten().to_numpy().reshape(-1, width)
+        labels = table.column("label").to_numpy(zero_copy_only=False)
+        labels = np.where(np.isnan(labels.astype(np.float64)), -1, labels).astype(np.int64)
+        return table.column("key").to_pylist(), labels, arr
+    keys, labels, rows = [], [], []
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        members = {m.name: m for m in tar}
+        for name, m in members.items():
+            if name.endswith(".json"):
+                meta = json.loads(tar.extractfile(m).read())
+                base = name[: -len(".json")]
+                keys.append(meta["key"])
+                labels.append(-1 if meta["label"] is None else int(meta["label"]))
+                rows.append(np.load(io.BytesIO(tar.extractfile(members[base + ".tokens.npy"]).read())).reshape(-1))
+    return keys, np.asarray(labels, np.int64), np.stack(rows).astype(np.uint16)

@@ -21,11 +21,8 @@ Variants: when shards hold V crops per image, one is chosen per (seed, epoch, ke
 from __future__ import annotations
 
 import hashlib
-import io
-import json
 import logging
 import os
-import tarfile
 import tempfile
 import threading
 from collections import OrderedDict
@@ -36,6 +33,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipelines.manifest import MANIFEST
+from pipelines.shards import decode_shard
 from pipelines.storage import filesystem, is_local, join, read_json
 
 log = logging.getLogger(__name__)
@@ -126,31 +124,6 @@ class ShardCache:
             if os.path.exists(self._local_path(old)):
                 os.remove(self._local_path(old))
         return data
-
-
-def decode_shard(data: bytes, fmt: str) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """Shard bytes -> (keys, labels int64 with -1 for unknown, tokens uint16 (N, V*T))."""
-    if fmt == "parquet":
-        import pyarrow.parquet as pq
-
-        table = pq.read_table(io.BytesIO(data), columns=["key", "label", "tokens"])
-        tokens = table.column("tokens").combine_chunks()
-        width = tokens.type.list_size
-        arr = tokens.flatten().to_numpy().reshape(-1, width)
-        labels = table.column("label").to_numpy(zero_copy_only=False)
-        labels = np.where(np.isnan(labels.astype(np.float64)), -1, labels).astype(np.int64)
-        return table.column("key").to_pylist(), labels, arr
-    keys, labels, rows = [], [], []
-    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
-        members = {m.name: m for m in tar}
-        for name, m in members.items():
-            if name.endswith(".json"):
-                meta = json.loads(tar.extractfile(m).read())
-                base = name[: -len(".json")]
-                keys.append(meta["key"])
-                labels.append(-1 if meta["label"] is None else int(meta["label"]))
-                rows.append(np.load(io.BytesIO(tar.extractfile(members[base + ".tokens.npy"]).read())).reshape(-1))
-    return keys, np.asarray(labels, np.int64), np.stack(rows).astype(np.uint16)
 
 
 class TokenDataset(IterableDataset):
