@@ -140,12 +140,15 @@ def test_torchrun_two_processes_killed_and_resumed(tmp_path, data, parallel):
 def test_ray_train_two_workers(tmp_path, data):
     from jobs.train_gpt import run_on_ray
 
+    # No dropout and a large step size: losses then depend only on the weights and the global batches.
+    exact = dict(FAST, dropout=0.0, class_dropout=0.0, lr=1e-2, max_steps=4)
     out = tmp_path / "o"
-    latest = run_on_ray(TrainConfig(data=str(data), out=str(out), max_steps=4, ckpt_every=2, ray_workers=2, **FAST))
+    latest = run_on_ray(TrainConfig(data=str(data), out=str(out), ckpt_every=2, ray_workers=2, **exact))
     assert latest["step"] == 4
     ref = tmp_path / "ref"
-    train(TrainConfig(data=str(data), out=str(ref), max_steps=4, **FAST))
-    # Two Ray Train workers and one process consume the same global batches.
+    train(TrainConfig(data=str(data), out=str(ref), **exact))
+    # Two Ray Train workers (DDP) and one process consume the same global batches.
     ray_losses, single = _losses(out / "metrics.jsonl"), _losses(ref / "metrics.jsonl")
+    assert max(single.values()) - min(single.values()) > 1e-3  # the run really moves
     assert ray_losses.keys() == single.keys()
-    assert all(abs(ray_losses[k] - single[k]) < 1e-4 for k in single)
+    assert all(abs(ray_losses[k] - single[k]) < 2e-5 for k in single)
