@@ -28,9 +28,33 @@ def _corner(value_ptr, base, hh, ww, H, W, start, stride_s, offs_d, mask_q, mask
 
 
 @triton.jit
-def _taps(value_ptr, loc_ptr, wi, base, H, W, start, stride_s, offs_d, mask_q, mask_d):
-    """Bilinear taps of one (level, point) for BLOCK_Q queries: fractional offsets, the four corner
-    values (BLOCK_Q, BLOCK_D), and each corner's validity and row index (for scattering gradients)."""
+def _program_tile(Lq, S, M, D, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's (batch, head), query and channel offsets with their masks, and the offset of
+    its (batch, head) in the (N, S, M, D) value tensor."""
+    pid_q = tl.program_id(0)
+    pid_nm = tl.program_id(1)
+    n = pid_nm // M
+    m = pid_nm % M
+    offs_q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    offs_d = tl.arange(0, BLOCK_D)
+    return n, m, offs_q, offs_d, offs_q < Lq, offs_d < D, n * S * M * D + m * D
+
+
+@triton.jit
+def _taps(
+    value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, n, m, l, p, Lq, M, D,
+    offs_q, offs_d, mask_q, mask_d, base, L: tl.constexpr, P: tl.constexpr,
+):
+    """Bilinear taps of level l, point p for BLOCK_Q queries: the flat index of the (level, point)
+    slot in the (N, Lq, M, L, P) weights, the weights, the level's H and W, the fractional offsets,
+    the bilinear sample and the four corner values (BLOCK_Q, BLOCK_D), and each corner's validity and
+    row index."""
+    H = tl.load(shapes_ptr + 2 * l)
+    W = tl.load(shapes_ptr + 2 * l + 1)
+    start = tl.load(starts_ptr + l)
+    stride_s = M * D
+    wi = ((n * Lq + offs_q) * M + m) * (L * P) + l * P + p
+    a = tl.load(attn_ptr + wi, mask=mask_q, other=0.0).to(tl.float32)
     x = tl.load(loc_ptr + 2 * wi, mask=mask_q, other=0.0).to(tl.float32)
     y = tl.load(loc_ptr + 2 * wi + 1, mask=mask_q, other=0.0).to(tl.float32)
     h = y * H - 0.5
@@ -43,7 +67,11 @@ def _taps(value_ptr, loc_ptr, wi, base, H, W, start, stride_s, offs_d, mask_q, m
     v01, k01, i01 = _corner(value_ptr, base, h0, w0 + 1, H, W, start, stride_s, offs_d, mask_q, mask_d)
     v10, k10, i10 = _corner(value_ptr, base, h0 + 1, w0, H, W, start, stride_s, offs_d, mask_q, mask_d)
     v11, k11, i11 = _corner(value_ptr, base, h0 + 1, w0 + 1, H, W, start, stride_s, offs_d, mask_q, mask_d)
-    return h - h0f, w - w0f, v00, v01, v10, v11, k00, k01, k10, k11, i00, i01, i10, i11
+    lh = h - h0f
+    lw = w - w0f
+    sample = ((1 - lh) * (1 - lw))[:, None] * v00 + ((1 - lh) * lw)[:, None] * v01 \
+        + (lh * (1 - lw))[:, None] * v10 + (lh * lw)[:, None] * v11
+    return wi, a, H, W, lh, lw, sample, v00, v01, v10, v11, k00, k01, k10, k11, i00, i01, i10, i11
 
 
 @triton.jit
@@ -52,30 +80,14 @@ def _msda_fwd_kernel(
     Lq, S, M, D,
     L: tl.constexpr, P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_q = tl.program_id(0)
-    pid_nm = tl.program_id(1)
-    n = pid_nm // M
-    m = pid_nm % M
-    offs_q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_q = offs_q < Lq
-    mask_d = offs_d < D
-    stride_s = M * D
-    base = n * S * stride_s + m * D
+    n, m, offs_q, offs_d, mask_q, mask_d, base = _program_tile(Lq, S, M, D, BLOCK_Q, BLOCK_D)
     acc = tl.zeros((BLOCK_Q, BLOCK_D), dtype=tl.float32)
     for l in tl.static_range(L):
-        H = tl.load(shapes_ptr + 2 * l)
-        W = tl.load(shapes_ptr + 2 * l + 1)
-        start = tl.load(starts_ptr + l)
         for p in tl.static_range(P):
-            # (N, Lq, M, L, P) weights and (N, Lq, M, L, P, 2) locations
-            wi = ((n * Lq + offs_q) * M + m) * (L * P) + l * P + p
-            a = tl.load(attn_ptr + wi, mask=mask_q, other=0.0).to(tl.float32)
-            lh, lw, v00, v01, v10, v11, _, _, _, _, _, _, _, _ = _taps(
-                value_ptr, loc_ptr, wi, base, H, W, start, stride_s, offs_d, mask_q, mask_d
+            _, a, _, _, _, _, sample, _, _, _, _, _, _, _, _, _, _, _, _ = _taps(
+                value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, n, m, l, p, Lq, M, D,
+                offs_q, offs_d, mask_q, mask_d, base, L, P,
             )
-            sample = ((1 - lh) * (1 - lw))[:, None] * v00 + ((1 - lh) * lw)[:, None] * v01 \
-                + (lh * (1 - lw))[:, None] * v10 + (lh * lw)[:, None] * v11
             acc += a[:, None] * sample
     out_ptrs = out_ptr + ((n * Lq + offs_q)[:, None] * M + m) * D + offs_d[None, :]
     tl.store(out_ptrs, acc, mask=mask_q[:, None] & mask_d[None, :])
@@ -94,41 +106,27 @@ def _msda_bwd_kernel(
     Lq, S, M, D,
     L: tl.constexpr, P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_q = tl.program_id(0)
-    pid_nm = tl.program_id(1)
-    n = pid_nm // M
-    m = pid_nm % M
-    offs_q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_q = offs_q < Lq
-    mask_d = offs_d < D
-    stride_s = M * D
-    base = n * S * stride_s + m * D
+    n, m, offs_q, offs_d, mask_q, mask_d, base = _program_tile(Lq, S, M, D, BLOCK_Q, BLOCK_D)
     go_ptrs = grad_out_ptr + ((n * Lq + offs_q)[:, None] * M + m) * D + offs_d[None, :]
     go = tl.load(go_ptrs, mask=mask_q[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
     for l in tl.static_range(L):
-        H = tl.load(shapes_ptr + 2 * l)
-        W = tl.load(shapes_ptr + 2 * l + 1)
-        start = tl.load(starts_ptr + l)
         for p in tl.static_range(P):
-            wi = ((n * Lq + offs_q) * M + m) * (L * P) + l * P + p
-            a = tl.load(attn_ptr + wi, mask=mask_q, other=0.0).to(tl.float32)
-            lh, lw, v00, v01, v10, v11, k00, k01, k10, k11, i00, i01, i10, i11 = _taps(
-                value_ptr, loc_ptr, wi, base, H, W, start, stride_s, offs_d, mask_q, mask_d
+            wi, a, H, W, lh, lw, sample, v00, v01, v10, v11, k00, k01, k10, k11, i00, i01, i10, i11 = _taps(
+                value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, n, m, l, p, Lq, M, D,
+                offs_q, offs_d, mask_q, mask_d, base, L, P,
             )
             hh = 1 - lh
             hw = 1 - lw
-            sample = (hh * hw)[:, None] * v00 + (hh * lw)[:, None] * v01 + (lh * hw)[:, None] * v10 + (lh * lw)[:, None] * v11
             tl.store(grad_attn_ptr + wi, tl.sum(go * sample, axis=1), mask=mask_q)
             d_lw = hh[:, None] * (v01 - v00) + lh[:, None] * (v11 - v10)
             d_lh = hw[:, None] * (v10 - v00) + lw[:, None] * (v11 - v01)
             tl.store(grad_loc_ptr + 2 * wi, a * W * tl.sum(go * d_lw, axis=1), mask=mask_q)
             tl.store(grad_loc_ptr + 2 * wi + 1, a * H * tl.sum(go * d_lh, axis=1), mask=mask_q)
             ga = a[:, None] * go
-            _scatter(grad_value_ptr, base, i00, k00, stride_s, offs_d, mask_d, (hh * hw)[:, None] * ga)
-            _scatter(grad_value_ptr, base, i01, k01, stride_s, offs_d, mask_d, (hh * lw)[:, None] * ga)
-            _scatter(grad_value_ptr, base, i10, k10, stride_s, offs_d, mask_d, (lh * hw)[:, None] * ga)
-            _scatter(grad_value_ptr, base, i11, k11, stride_s, offs_d, mask_d, (lh * lw)[:, None] * ga)
+            _scatter(grad_value_ptr, base, i00, k00, M * D, offs_d, mask_d, (hh * hw)[:, None] * ga)
+            _scatter(grad_value_ptr, base, i01, k01, M * D, offs_d, mask_d, (hh * lw)[:, None] * ga)
+            _scatter(grad_value_ptr, base, i10, k10, M * D, offs_d, mask_d, (lh * hw)[:, None] * ga)
+            _scatter(grad_value_ptr, base, i11, k11, M * D, offs_d, mask_d, (lh * lw)[:, None] * ga)
 
 
 def _launch_args(value, spatial_shapes, level_start_index, sampling_locations):
