@@ -13,7 +13,6 @@ Run: ``python -m bench.loader``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import tempfile
@@ -26,9 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from jobs.cli import parse_config, setup_logging
-from pipelines.manifest import build_manifest, write_manifest
-from pipelines.shards import ShardRows, parquet_bytes
-from pipelines.storage import filesystem
+from pipelines.manifest import write_dataset
+from pipelines.shards import ShardRows
 from pipelines.streaming import TokenDataset, TokenLoader
 from vfmtok_core.gpt import GPT
 
@@ -47,22 +45,18 @@ class BenchConfig:
 
 def synthetic_dataset(root: Path, shards: int, rows: int, vocab: int = 1024, classes_per_shard: bool = False) -> None:
     rng = np.random.default_rng(0)
-    (root / "shards").mkdir(parents=True)
-    commits = {}
-    for s in range(shards):
-        labels = [s % 1000] * rows if classes_per_shard else rng.integers(0, 1000, rows).tolist()
-        data = parquet_bytes(ShardRows(
-            [f"s{s}/{i}" for i in range(rows)], labels, ["src"] * rows, [bytes(32)] * rows,
+    parts = [
+        ShardRows(
+            [f"s{s}/{i}" for i in range(rows)],
+            [s % 1000] * rows if classes_per_shard else rng.integers(0, 1000, rows).tolist(),
+            ["src"] * rows,
+            [bytes(32)] * rows,
             rng.integers(0, vocab, (rows, 2, 256)).astype(np.uint16),
-        ))
-        name = f"shards/shard-{s:06d}.parquet"
-        (root / name).write_bytes(data)
-        commits[f"shard-{s:06d}"] = {"shard": f"shard-{s:06d}", "path": name, "rows": rows, "bytes": len(data),
-                                    "sha256": hashlib.sha256(data).hexdigest(), "rejects": 0, "rejects_path": None,
-                                    "rejects_by_reason": {}}
+        )
+        for s in range(shards)
+    ]
     identity = {"fingerprint": "bench", "variants": ["center", "flip"], "format": "parquet", "tokens_per_image": 256}
-    fs, path = filesystem(str(root))
-    write_manifest(fs, path, build_manifest(identity, {}, vocab, commits, shards))
+    write_dataset(str(root), parts, identity, vocab)
 
 
 def train_steps(model: GPT, batches, steps: int) -> float:

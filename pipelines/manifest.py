@@ -12,10 +12,12 @@ its rejects, so a crash at any point leaves either a committed item or one that 
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter
+from collections.abc import Mapping
 
-from pipelines.shards import FORMAT_VERSION
-from pipelines.storage import join, read_json, write_json
+from pipelines.shards import FORMAT_VERSION, ShardRows, parquet_bytes, rejects_bytes, webdataset_bytes
+from pipelines.storage import atomic_write, filesystem, join, read_json, write_json
 
 MANIFEST = "manifest.json"
 PLAN = "_state/plan.json"
@@ -73,3 +75,39 @@ def build_manifest(identity: dict, tokenizer_config: dict, codebook_size: int, c
 
 def write_manifest(fs, root: str, manifest: dict) -> None:
     write_json(fs, join(root, MANIFEST), manifest)
+
+
+def commit_shard(
+    fs, root: str, shard: str, rows: ShardRows | None, fmt: str, variants, rejects: list[dict] = (), unit: str = ""
+) -> dict:
+    """Write one work item's shard and rejects, then the commit record that makes them count."""
+    rejects = list(rejects)
+    record = {"shard": shard, "unit": unit, "rows": len(rows) if rows else 0, "rejects": len(rejects),
+              "path": None, "bytes": 0, "sha256": None, "rejects_path": None,
+              "rejects_by_reason": dict(Counter(r["reason"] for r in rejects))}
+    if rows:
+        data = parquet_bytes(rows) if fmt == "parquet" else webdataset_bytes(rows, tuple(variants))
+        rel = f"shards/{shard}.{'parquet' if fmt == 'parquet' else 'tar'}"
+        atomic_write(fs, join(root, rel), data)
+        record.update(path=rel, bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+    if rejects:
+        rel = f"rejects/{shard}.parquet"
+        atomic_write(fs, join(root, rel), rejects_bytes(rejects))
+        record["rejects_path"] = rel
+    write_json(fs, join(root, COMMITS, f"{shard}.json"), record)
+    return record
+
+
+def write_dataset(
+    url: str, shards: list[ShardRows], identity: dict, codebook_size: int, storage_options: Mapping | None = None
+) -> dict:
+    """A complete token dataset from rows already in memory (one shard per entry); returns the
+    manifest. Handy for converting other token caches, and for tests and benchmarks."""
+    fs, root = filesystem(url, storage_options)
+    commits = {}
+    for i, rows in enumerate(shards):
+        name = f"shard-{i:06d}"
+        commits[name] = commit_shard(fs, root, name, rows, identity["format"], identity["variants"])
+    manifest = build_manifest(identity, {}, codebook_size, commits, len(shards))
+    write_manifest(fs, root, manifest)
+    return manifest

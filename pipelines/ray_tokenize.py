@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pipelines.images import Rejected, decode_image, make_variants
-from pipelines.manifest import COMMITS
-from pipelines.shards import ShardRows, parquet_bytes, rejects_bytes, webdataset_bytes
+from pipelines.manifest import commit_shard
+from pipelines.shards import ShardRows
 from pipelines.sources import WorkItem, read_item, sha256
-from pipelines.storage import atomic_write, filesystem, join, write_json
+from pipelines.storage import filesystem
 
 log = logging.getLogger(__name__)
 
@@ -120,25 +120,10 @@ class TokenizerWorker:
 
 
 def commit(item: WorkItem, meta: Prepared, tokens: np.ndarray, output: str, fmt: str, variants, storage_options) -> dict:
-    """Write the shard and its rejects, then the commit record that makes them count."""
-    import hashlib
-
+    """Write the item's shard and rejects, then its commit record (see :func:`commit_shard`)."""
     fs, root = filesystem(output, storage_options)
-    record = {"shard": item.shard, "unit": item.unit, "rows": len(meta.keys), "rejects": len(meta.rejects),
-              "path": None, "bytes": 0, "sha256": None, "rejects_path": None,
-              "rejects_by_reason": dict(Counter(r["reason"] for r in meta.rejects))}
-    if meta.keys:
-        rows = ShardRows(meta.keys, meta.labels, meta.sources, meta.digests, tokens)
-        data = parquet_bytes(rows) if fmt == "parquet" else webdataset_bytes(rows, tuple(variants))
-        rel = f"shards/{item.shard}.{'parquet' if fmt == 'parquet' else 'tar'}"
-        atomic_write(fs, join(root, rel), data)
-        record.update(path=rel, bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
-    if meta.rejects:
-        rel = f"rejects/{item.shard}.parquet"
-        atomic_write(fs, join(root, rel), rejects_bytes(meta.rejects))
-        record["rejects_path"] = rel
-    write_json(fs, join(root, COMMITS, f"{item.shard}.json"), record)
-    return record
+    rows = ShardRows(meta.keys, meta.labels, meta.sources, meta.digests, tokens) if meta.keys else None
+    return commit_shard(fs, root, item.shard, rows, fmt, variants, meta.rejects, item.unit)
 
 
 @dataclass

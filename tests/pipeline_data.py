@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import pickle
@@ -12,9 +11,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipelines.manifest import build_manifest, write_manifest
-from pipelines.shards import ShardRows, parquet_bytes
-from pipelines.storage import filesystem
+from pipelines.manifest import write_dataset
+from pipelines.shards import ShardRows
 
 
 def png_bytes(seed: int, size=(60, 40), mode="RGB") -> bytes:
@@ -87,8 +85,7 @@ def make_token_dataset(
     root: Path, shards: int = 7, rows: int = 13, variants: int = 2, fingerprint: str = "tiny-abc"
 ) -> list[str]:
     """A token dataset with known contents: token value = sample number * 10 + variant (mod 1024)."""
-    (root / "shards").mkdir(parents=True)
-    commits, keys = {}, []
+    parts, keys = [], []
     n = 0
     for s in range(shards):
         count = rows + (s % 3)  # ragged shards
@@ -97,16 +94,10 @@ def make_token_dataset(
         for i in range(count):
             for v in range(variants):
                 tok[i, v] = ((n + i) * 10 + v) % 1024
-        data = parquet_bytes(ShardRows(k, [(n + i) % 5 for i in range(count)], ["src"] * count, [bytes(32)] * count, tok))
-        name = f"shards/shard-{s:06d}.parquet"
-        (root / name).write_bytes(data)
-        commits[f"shard-{s:06d}"] = {"shard": f"shard-{s:06d}", "path": name, "rows": count, "bytes": len(data),
-                                    "sha256": hashlib.sha256(data).hexdigest(), "rejects": 0, "rejects_path": None,
-                                    "rejects_by_reason": {}}
+        parts.append(ShardRows(k, [(n + i) % 5 for i in range(count)], ["src"] * count, [bytes(32)] * count, tok))
         keys += k
         n += count
     identity = {"fingerprint": fingerprint, "variants": [f"v{i}" for i in range(variants)], "format": "parquet",
                 "tokens_per_image": 256}
-    fs, path = filesystem(str(root))
-    write_manifest(fs, path, build_manifest(identity, {}, 1024, commits, shards))
+    write_dataset(str(root), parts, identity, codebook_size=1024)
     return keys

@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from jobs.inspect import main
-from pipelines.manifest import build_manifest, write_manifest
-from pipelines.shards import ShardRows, parquet_bytes, rejects_bytes, webdataset_bytes
+from pipelines.manifest import build_manifest, commit_shard, write_manifest
+from pipelines.shards import ShardRows
 from pipelines.storage import filesystem
 
 
@@ -21,17 +21,10 @@ def _dataset(root: Path, fmt: str) -> None:
     tokens[1, 0, :] = 7
     tokens[2, 0, :] = np.arange(256)
     rows = ShardRows(["a", "b", "c"], [1, 1, None], ["src"] * 3, [bytes(32)] * 3, tokens)
-    (root / "shards").mkdir(parents=True)
-    (root / "rejects").mkdir()
-    name = "shards/shard-000000." + ("parquet" if fmt == "parquet" else "tar")
-    (root / name).write_bytes(parquet_bytes(rows) if fmt == "parquet" else webdataset_bytes(rows, ("center",)))
-    (root / "rejects/shard-000000.parquet").write_bytes(
-        rejects_bytes([{"key": "x", "source": "src", "reason": "corrupt", "error": "boom"}])
-    )
-    commit = {"shard": "shard-000000", "path": name, "rows": 3, "bytes": 1, "sha256": "0", "rejects": 1,
-              "rejects_path": "rejects/shard-000000.parquet", "rejects_by_reason": {"corrupt": 1}}
-    identity = {"fingerprint": "tiny-x", "variants": ["center"], "format": fmt, "tokens_per_image": 256}
     fs, path = filesystem(str(root))
+    rejects = [{"key": "x", "source": "src", "reason": "corrupt", "error": "boom"}]
+    commit = commit_shard(fs, path, "shard-000000", rows, fmt, ["center"], rejects)
+    identity = {"fingerprint": "tiny-x", "variants": ["center"], "format": fmt, "tokens_per_image": 256}
     write_manifest(fs, path, build_manifest(identity, {}, 1024, {"shard-000000": commit}, 1))
 
 
