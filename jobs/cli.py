@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
+import sys
 import typing
 from collections.abc import Sequence
-from typing import TypeVar
+from typing import NoReturn, TypeVar
+
+from pipelines.redact import install_log_filter, redact
 
 T = TypeVar("T")
 
@@ -55,4 +59,35 @@ def parse_config(cls: type[T], argv: Sequence[str] | None = None, description: s
 
 
 def setup_logging(level: int = logging.INFO) -> None:
+    """Log lines with a time stamp; credentials a job was given are masked in every line."""
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    install_log_filter()
+
+
+class UsageError(Exception):
+    """A user mistake (bad flag value, unreadable options file): one line on stderr, exit code 2."""
+
+
+def fail(message: object) -> NoReturn:
+    print(f"error: {redact(str(message))}", file=sys.stderr)
+    sys.exit(2)
+
+
+def storage_options(text: str) -> dict:
+    """``--storage-options``: inline JSON, or ``@FILE`` holding JSON. The file form keeps keys off
+    the command line, which process listings, ``ray job list`` and the Ray dashboard show."""
+    source = "--storage-options"
+    if text.startswith("@"):
+        source = text[1:]
+        try:
+            with open(source) as f:
+                text = f.read(1 << 20)
+        except OSError as e:
+            raise UsageError(f"cannot read storage options from {source}: {e.strerror or e}") from None
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise UsageError(f"{source} is not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise UsageError(f"{source} must be a JSON object, not {type(value).__name__}")
+    return value

@@ -9,7 +9,7 @@ import argparse
 import json
 import logging
 
-from jobs.cli import setup_logging
+from jobs.cli import UsageError, fail, setup_logging, storage_options
 from pipelines.inspect import load_tokens, plot_usage, summarize, usage_histogram
 
 log = logging.getLogger("jobs.inspect")
@@ -20,10 +20,12 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("url", help="token dataset (the folder holding manifest.json)")
     parser.add_argument("--plot", help="write a code-usage histogram PNG here")
-    parser.add_argument("--storage-options", default="{}", help="JSON fsspec options")
+    parser.add_argument("--storage-options", default="{}", help="fsspec options as JSON, or @FILE holding JSON")
     args = parser.parse_args(argv)
-    storage = json.loads(args.storage_options)
-    manifest, rows, rejects = load_tokens(args.url, storage)
+    try:
+        manifest, rows, rejects = load_tokens(args.url, storage_options(args.storage_options))
+    except (UsageError, FileNotFoundError) as e:
+        fail(e)
     summary = summarize(manifest, rows, rejects)
     log.info(
         "%s: %d images x %d variants, %d shards, %.2f MB; %d/%d codes used (%.1f%%), entropy %.2f of %.2f bits; rejects %s",

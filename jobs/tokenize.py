@@ -12,12 +12,12 @@ import logging
 import sys
 from dataclasses import dataclass, field
 
-from jobs.cli import parse_config, setup_logging
+from jobs.cli import UsageError, fail, parse_config, setup_logging, storage_options
 from pipelines.images import DEFAULT_MAX_PIXELS, VARIANT_SETS
 from pipelines.manifest import IncompatibleOutput
 from pipelines.ray_runtime import ray_session
 from pipelines.shards import SHARD_FORMATS
-from pipelines.sources import FORMATS
+from pipelines.sources import FORMATS, InputError
 from pipelines.tokenize import TokenizeOptions, TokenizerSpec, run_tokenize
 from vfmtok_core import CONFIGS
 
@@ -44,14 +44,14 @@ class TokenizeConfig:
     rows_per_shard: int = field(default=1024, metadata={"help": "images per shard for folder/LMDB inputs"})
     max_pixels: int = field(default=DEFAULT_MAX_PIXELS, metadata={"help": "reject larger images (bomb guard)"})
     precision: str = field(default="fp32", metadata={"help": "tokenizer precision", "choices": ["fp32", "bf16"]})
-    storage_options: str = field(default="{}", metadata={"help": "JSON fsspec options, e.g. an S3 endpoint"})
+    storage_options: str = field(default="{}", metadata={"help": "fsspec options as JSON, or @FILE holding JSON (keeps keys off the command line)"})
     overwrite: bool = field(default=False, metadata={"help": "delete an incompatible existing output"})
 
 
 def to_options(cfg: TokenizeConfig, cluster_gpus: float) -> TokenizeOptions:
     if not cfg.input or not cfg.output:
-        raise SystemExit("--input and --output are required")
-    storage = json.loads(cfg.storage_options)
+        raise UsageError("--input and --output are required")
+    storage = storage_options(cfg.storage_options)
     gpus = cfg.gpus_per_worker if cfg.gpus_per_worker >= 0 else (1.0 if cluster_gpus else 0.0)
     workers = cfg.workers or (max(1, int(cluster_gpus / gpus)) if gpus else 1)
     spec = TokenizerSpec(cfg.config, cfg.tokenizer, cfg.dinov2, cfg.seed, cfg.precision, storage)
@@ -83,9 +83,8 @@ def main(argv=None) -> None:
     setup_logging()
     try:
         summary = run(parse_config(TokenizeConfig, argv, description=__doc__))
-    except IncompatibleOutput as e:
-        log.error("%s", e)
-        sys.exit(2)
+    except (IncompatibleOutput, InputError, UsageError) as e:
+        fail(e)
     print(json.dumps(summary, indent=1))
     sys.exit(0 if summary["complete"] else 1)
 

@@ -22,8 +22,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from jobs.cli import parse_config, setup_logging
+from jobs.cli import UsageError, fail, parse_config, setup_logging, storage_options
 from pipelines.checkpoints import LATEST, load_latest, save_checkpoint
+from pipelines.redact import redact, redact_url
 from pipelines.storage import filesystem, is_local, join, read_json
 from pipelines.streaming import TokenDataset, TokenLoader
 from vfmtok_core.gpt import GPT, GPT_CONFIGS
@@ -59,7 +60,7 @@ class TrainConfig:
     fsdp: bool = field(default=False, metadata={"help": "shard parameters with FSDP instead of DDP"})
     ray_workers: int = field(default=0, metadata={"help": "run on Ray Train with this many workers"})
     skip_bad_shards: bool = field(default=False, metadata={"help": "log and skip unreadable shards"})
-    storage_options: str = field(default="{}", metadata={"help": "JSON fsspec options for --data and --out"})
+    storage_options: str = field(default="{}", metadata={"help": "fsspec options for --data and --out: JSON, or @FILE holding JSON"})
     metrics: str | None = field(default=None, metadata={"help": "JSONL metrics file (default: <out>/metrics.jsonl if local)"})
 
 
@@ -118,15 +119,15 @@ def train(cfg: TrainConfig) -> dict:
     if not cfg.data:
         raise SystemExit("--data is required")
     rank, world, device = _setup_distributed()
-    so = json.loads(cfg.storage_options)
+    so = storage_options(cfg.storage_options)
     if cfg.global_batch % world:
         raise SystemExit(f"--global-batch {cfg.global_batch} is not divisible by the world size {world}")
     per_rank = cfg.global_batch // world
     ckpt = load_latest(cfg.out, so)
     if ckpt is not None and not cfg.resume:
-        raise SystemExit(f"{cfg.out} already holds checkpoints; pass --resume to continue, or use another --out")
+        raise SystemExit(f"{redact_url(cfg.out)} already holds checkpoints; pass --resume to continue, or use another --out")
     if ckpt is not None and ckpt["size"] != cfg.size:
-        raise SystemExit(f"the checkpoint in {cfg.out} is {ckpt['size']}, not {cfg.size}")
+        raise SystemExit(f"the checkpoint in {redact_url(cfg.out)} is {ckpt['size']}, not {cfg.size}")
 
     ds = TokenDataset(
         cfg.data, seed=cfg.seed, rank=rank, world_size=world, storage_options=so, batch_size=per_rank,
@@ -198,7 +199,9 @@ def train(cfg: TrainConfig) -> dict:
                 if rank == 0:
                     state = {
                         "model": model_state, "ema": ema_state, "optimizer": opt_state, "data": ds.state_dict(),
-                        "step": step, "size": cfg.size, "fingerprint": ds.fingerprint, "config": asdict(cfg),
+                        "step": step, "size": cfg.size, "fingerprint": ds.fingerprint,
+                        # The run's settings, to tell runs apart later; never its credentials.
+                        "config": {**asdict(cfg), "storage_options": redact(so)},
                     }
                     path = save_checkpoint(cfg.out, step, state, so)
                     log.info("checkpoint %s", path)
@@ -228,14 +231,17 @@ def run_on_ray(cfg: TrainConfig) -> dict:
         trainer = TorchTrainer(lambda: train(cfg), scaling_config=ScalingConfig(num_workers=cfg.ray_workers, use_gpu=use_gpu))
         trainer.fit()  # raises if a worker failed
     # Ray Train keeps metrics only with its own checkpoints; ours are in --out already.
-    fs, root = filesystem(cfg.out, json.loads(cfg.storage_options))
+    fs, root = filesystem(cfg.out, storage_options(cfg.storage_options))
     return read_json(fs, join(root, LATEST))
 
 
 def main(argv=None) -> None:
     setup_logging()
     cfg = parse_config(TrainConfig, argv, description=__doc__)
-    last = run_on_ray(cfg) if cfg.ray_workers else train(cfg)
+    try:
+        last = run_on_ray(cfg) if cfg.ray_workers else train(cfg)
+    except UsageError as e:
+        fail(e)
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(json.dumps(last))
     if dist.is_initialized():

@@ -7,11 +7,12 @@ one and is written after it, so a crash mid-save leaves the previous checkpoint 
 from __future__ import annotations
 
 import io
+import re
 from collections.abc import Mapping
 
 import torch
 
-from pipelines.storage import atomic_write, filesystem, join, read_json, write_json
+from pipelines.storage import atomic_write, exists, filesystem, join, read_bytes, read_json, write_json
 
 LATEST = "latest.json"
 
@@ -29,10 +30,11 @@ def save_checkpoint(url: str, step: int, state: dict, storage_options: Mapping |
 def load_latest(url: str, storage_options: Mapping | None = None) -> dict | None:
     """The newest checkpoint's state (tensors on the CPU), or None when there is none yet."""
     fs, root = filesystem(url, storage_options)
-    if not fs.exists(join(root, LATEST)):
+    if not exists(fs, join(root, LATEST)):
         return None
-    latest = read_json(fs, join(root, LATEST))
-    with fs.open(join(root, latest["path"]), "rb") as f:
-        data = f.read()
+    latest = read_json(fs, join(root, LATEST), limit=1 << 16)
+    if not re.fullmatch(r"step-\d{8}\.pt", str(latest.get("path"))):
+        raise ValueError(f"{LATEST} in {url} names {latest.get('path')!r}, not a checkpoint of this folder")
+    data = read_bytes(fs, join(root, latest["path"]))
     # Our own files: weights, optimiser state and plain Python values only.
     return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)

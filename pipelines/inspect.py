@@ -11,13 +11,13 @@ import polars as pl
 
 from pipelines.manifest import MANIFEST
 from pipelines.shards import decode_shard
-from pipelines.storage import filesystem, join, read_json
+from pipelines.storage import exists, filesystem, join, read_bytes, read_json
 
 
 def load_manifest(url: str, storage_options: Mapping | None = None) -> dict:
     fs, root = filesystem(url, storage_options)
     path = join(root, MANIFEST)
-    if not fs.exists(path):
+    if not exists(fs, path):
         raise FileNotFoundError(f"{url} has no {MANIFEST}: not a token dataset, or its first run has not finished")
     return read_json(fs, path)
 
@@ -34,9 +34,9 @@ def load_tokens(url: str, storage_options: Mapping | None = None) -> tuple[dict,
     """(manifest, rows with key/label/tokens, rejects) of a token dataset."""
     manifest = load_manifest(url, storage_options)
     fs, root = filesystem(url, storage_options)
-    frames = [_shard_frame(fs.cat_file(join(root, s["path"])), manifest["format"]) for s in manifest["shards"] if s["path"]]
+    frames = [_shard_frame(read_bytes(fs, join(root, s["path"])), manifest["format"]) for s in manifest["shards"] if s["path"]]
     rows = pl.concat(frames) if frames else pl.DataFrame(schema={"key": pl.String, "label": pl.Int32, "tokens": pl.List(pl.UInt16)})
-    rejects = [pl.read_parquet(io.BytesIO(fs.cat_file(join(root, s["rejects_path"])))) for s in manifest["shards"] if s["rejects_path"]]
+    rejects = [pl.read_parquet(io.BytesIO(read_bytes(fs, join(root, s["rejects_path"])))) for s in manifest["shards"] if s["rejects_path"]]
     rej = pl.concat(rejects) if rejects else pl.DataFrame(schema={"key": pl.String, "source": pl.String, "reason": pl.String, "error": pl.String})
     return manifest, rows, rej
 

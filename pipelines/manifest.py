@@ -7,7 +7,8 @@
     <output>/_state/commits/shard-NNNNNN.json  written last: the item's commit record
 
 A shard counts only once its commit record exists, and the record is written after the shard and
-its rejects, so a crash at any point leaves either a committed item or one that is redone.
+its rejects are verifiably in place (see :func:`pipelines.storage.atomic_write`), so a crash or a
+store fault at any point leaves either a committed item or one that is redone.
 """
 
 from __future__ import annotations
@@ -15,14 +16,16 @@ from __future__ import annotations
 import hashlib
 from collections import Counter
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 
 from pipelines.shards import FORMAT_VERSION, ShardRows, parquet_bytes, rejects_bytes, webdataset_bytes
-from pipelines.storage import atomic_write, filesystem, join, read_json, write_json
+from pipelines.storage import atomic_write, exists, filesystem, find, join, read_json, write_json
 
 MANIFEST = "manifest.json"
 PLAN = "_state/plan.json"
 COMMITS = "_state/commits"
 # Settings that change the tokens or the layout: a rerun must match them to reuse the output.
+COMMIT_RECORD_BYTES = 1 << 20  # a record is a few hundred bytes; a larger one is not ours
 IDENTITY_KEYS = ("fingerprint", "variants", "format", "tokens_per_image", "input", "input_format", "rows_per_shard")
 
 
@@ -39,11 +42,26 @@ def check_compatible(existing: dict, wanted: dict, where: str) -> None:
         )
 
 
+def commit_path(root: str, shard: str) -> str:
+    return join(root, COMMITS, f"{shard}.json")
+
+
+def read_commit(fs, root: str, shard: str) -> dict | None:
+    """One item's commit record, read fresh, or None if the item is not committed."""
+    path = commit_path(root, shard)
+    return read_json(fs, path, COMMIT_RECORD_BYTES) if exists(fs, path) else None
+
+
 def load_commits(fs, root: str) -> dict[str, dict]:
-    path = join(root, COMMITS)
-    if not fs.exists(path):
+    """Every commit record under ``root``: one fresh listing, then the records read in parallel
+    (on S3 each is a request; a resumed ImageNet-21k run has thousands)."""
+    folder = join(root, COMMITS)
+    if not exists(fs, folder):
         return {}
-    return {rec["shard"]: rec for rec in (read_json(fs, p) for p in sorted(fs.find(path)) if p.endswith(".json"))}
+    paths = sorted(p for p in find(fs, folder) if p.endswith(".json"))
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        records = list(pool.map(lambda p: read_json(fs, p, COMMIT_RECORD_BYTES), paths))
+    return {rec["shard"]: rec for rec in records}
 
 
 def build_manifest(identity: dict, tokenizer_config: dict, codebook_size: int, commits: dict[str, dict], planned: int) -> dict:
@@ -94,7 +112,7 @@ def commit_shard(
         rel = f"rejects/{shard}.parquet"
         atomic_write(fs, join(root, rel), rejects_bytes(rejects))
         record["rejects_path"] = rel
-    write_json(fs, join(root, COMMITS, f"{shard}.json"), record)
+    write_json(fs, commit_path(root, shard), record)
     return record
 
 

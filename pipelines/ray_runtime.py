@@ -1,5 +1,11 @@
 """Connecting to Ray: the cluster in ``RAY_ADDRESS`` (e.g. under ``ray job submit``), an already
-initialised one, or an embedded local instance started quietly and stopped afterwards."""
+initialised one, or an embedded local instance started quietly and stopped afterwards.
+
+The embedded instance keeps Ray's token authentication on. Ray's processes listen on every
+network interface (there is no setting that binds them all to loopback), and without a token any
+host that can reach this machine could join the cluster and run code in it. Its dashboard is off;
+when asked for, it listens on 127.0.0.1 only.
+"""
 
 from __future__ import annotations
 
@@ -17,12 +23,12 @@ _QUIET_ENV = {
 
 
 @contextlib.contextmanager
-def ray_session(num_cpus: int | None = None):
+def ray_session(num_cpus: int | None = None, dashboard: bool = False):
     """Yield with Ray initialised; only an instance started here is shut down on exit."""
     for k, v in _QUIET_ENV.items():
         os.environ.setdefault(k, v)
     if not os.environ.get("RAY_ADDRESS"):
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
     import ray
 
     if ray.is_initialized():
@@ -31,7 +37,8 @@ def ray_session(num_cpus: int | None = None):
     if os.environ.get("RAY_ADDRESS"):
         ray.init(logging_level=logging.WARNING)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+        ray.init(num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1", log_to_driver=False,
+                 logging_level=logging.ERROR)
     logging.getLogger("ray").setLevel(logging.WARNING)
     try:
         yield ray

@@ -7,8 +7,10 @@ Each work item flows through three steps chained by object references:
 The driver keeps a bounded window of items in flight (backpressure), so memory stays flat however
 large the dataset. Exactly-once output follows from determinism plus the commit protocol: an item
 always becomes the same shard bytes under the same name, and only a written commit record makes it
-count. Actor deaths are retried by Ray (the actors restart and rerun the call); task failures are
-retried a few times and then reported, and a rerun of the same command finishes what is left.
+count. Actor deaths are retried by Ray (the actors restart and rerun the call). Storage faults are
+retried request by request (:mod:`pipelines.retry`); only when the store stays unavailable through
+every attempt does Ray rerun the whole task (a few times). Any other exception is deterministic,
+so the item is reported as failed at once, never retried; a rerun of the command finishes what is left.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import numpy as np
 
 from pipelines.images import Rejected, decode_image, make_variants
 from pipelines.manifest import commit_shard
+from pipelines.retry import StorageUnavailable, counting
 from pipelines.shards import ShardRows
 from pipelines.sources import WorkItem, read_item, sha256
 from pipelines.storage import filesystem
@@ -60,26 +63,28 @@ class Prepared:
     sources: list[str]
     digests: list[bytes]
     rejects: list[dict]
+    io: Counter = field(default_factory=Counter)  # requests and retries made reading the item
 
 
 def prepare(item: WorkItem, variants: tuple[str, ...], size: int, max_pixels: int, storage_options) -> tuple:
     """Read, decode and crop one work item -> (crops uint8 (N, V, S, S, 3), Prepared)."""
     meta = Prepared([], [], [], [], [])
     crops = []
-    for sample in read_item(item, storage_options):
-        reason, error = sample.error or (None, None)
-        if reason is None:
-            try:
-                crops.append(make_variants(decode_image(sample.data, max_pixels), size, variants))
-            except Rejected as e:
-                reason, error = e.reason, str(e)
-        if reason is not None:
-            meta.rejects.append({"key": sample.key, "source": sample.source, "reason": reason, "error": error})
-            continue
-        meta.keys.append(sample.key)
-        meta.labels.append(sample.label)
-        meta.sources.append(sample.source)
-        meta.digests.append(sha256(sample.data))
+    with counting() as meta.io:
+        for sample in read_item(item, storage_options):
+            reason, error = sample.error or (None, None)
+            if reason is None:
+                try:
+                    crops.append(make_variants(decode_image(sample.data, max_pixels), size, variants))
+                except Rejected as e:
+                    reason, error = e.reason, str(e)
+            if reason is not None:
+                meta.rejects.append({"key": sample.key, "source": sample.source, "reason": reason, "error": error})
+                continue
+            meta.keys.append(sample.key)
+            meta.labels.append(sample.label)
+            meta.sources.append(sample.source)
+            meta.digests.append(sha256(sample.data))
     empty = np.zeros((0, len(variants), size, size, 3), np.uint8)
     return (np.stack(crops) if crops else empty), meta
 
@@ -119,11 +124,14 @@ class TokenizerWorker:
         return out.reshape(n, v, -1)
 
 
-def commit(item: WorkItem, meta: Prepared, tokens: np.ndarray, output: str, fmt: str, variants, storage_options) -> dict:
-    """Write the item's shard and rejects, then its commit record (see :func:`commit_shard`)."""
-    fs, root = filesystem(output, storage_options)
-    rows = ShardRows(meta.keys, meta.labels, meta.sources, meta.digests, tokens) if meta.keys else None
-    return commit_shard(fs, root, item.shard, rows, fmt, variants, meta.rejects, item.unit)
+def commit(item: WorkItem, meta: Prepared, tokens: np.ndarray, output: str, fmt: str, variants, storage_options) -> tuple:
+    """Write the item's shard and rejects, then its commit record (see :func:`commit_shard`);
+    returns (record, the requests and retries of reading and writing the item)."""
+    with counting() as io:
+        fs, root = filesystem(output, storage_options)
+        rows = ShardRows(meta.keys, meta.labels, meta.sources, meta.digests, tokens) if meta.keys else None
+        record = commit_shard(fs, root, item.shard, rows, fmt, variants, meta.rejects, item.unit)
+    return record, io + meta.io
 
 
 @dataclass
@@ -134,6 +142,8 @@ class RunStats:
     shards: int = 0
     failed: list = field(default_factory=list)
     seconds: float = 0.0
+    records: dict = field(default_factory=dict)  # commit records written by this run, by shard
+    io: Counter = field(default_factory=Counter)  # storage requests and retries
 
 
 def start_workers(spec: TokenizerSpec, workers: int, gpus_per_worker: float, threads: int, batch_size: int) -> list:
@@ -175,8 +185,10 @@ def run_items(
 
     so = dict(storage_options or {})
     workers = len(actors)
-    prepare_task = ray.remote(prepare).options(num_returns=2, num_cpus=1, max_retries=3, retry_exceptions=True)
-    commit_task = ray.remote(commit).options(num_cpus=0.25, max_retries=3, retry_exceptions=True)
+    # Only an outage that outlasted the per-request retries reruns a task; other errors repeat.
+    retry = dict(max_retries=3, retry_exceptions=[StorageUnavailable])
+    prepare_task = ray.remote(prepare).options(num_returns=2, num_cpus=1, **retry)
+    commit_task = ray.remote(commit).options(num_cpus=0.25, **retry)
 
     stats = RunStats()
     window = 2 * workers + 2
@@ -196,12 +208,14 @@ def run_items(
         done, _ = ray.wait(list(inflight), num_returns=1)
         item = inflight.pop(done[0])
         try:
-            record = ray.get(done[0])
+            record, io = ray.get(done[0])
         except Exception as e:  # noqa: BLE001 - one bad item must not stop the others
             log.error("work item %s (%s) failed: %s", item.shard, item.unit, e)
             stats.failed.append({"shard": item.shard, "unit": item.unit, "error": f"{type(e).__name__}: {e}"})
             bar.update(1)
             continue
+        stats.records[record["shard"]] = record
+        stats.io.update(io)
         stats.images += record["rows"]
         stats.rejects.update(record["rejects_by_reason"])
         stats.bytes += record["bytes"]

@@ -13,26 +13,44 @@ Supported layouts (any fsspec URL unless noted):
 
 Keys are made unique per input unit so two files can never collide; a key repeated inside one
 unit is rejected as ``duplicate_key`` (the first occurrence wins).
+
+Inputs are untrusted. Every sample passes the same checks before it is decoded, and a failing one
+is a recorded rejection, never an exception that stops the item: keys must be short, printable
+UTF-8 and relative (no ``..``, no leading ``/``: they become member names in WebDataset output);
+labels must fit int32; one image may be at most ``MAX_INPUT_BYTES`` (read without loading more);
+tar members that are links or carry unsafe names are refused; a folder file whose real path leaves
+the input root (a symlink pointing out) is refused, never read.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import os
 import pickle
 import tarfile
+import unicodedata
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 
 import pyarrow.parquet as pq
 
-from pipelines.storage import filesystem, join
+from pipelines.retry import is_storage_fault
+from pipelines.storage import TooLarge, call, filesystem, find, is_local, join, open_input, read_bytes
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif", "ppm", "pgm", "jfif")
 FORMATS = ("folder", "webdataset", "parquet", "lmdb")
 IMAGE_COLUMNS = ("image", "jpg", "png", "webp", "img", "image_bytes")
 LABEL_COLUMNS = ("label", "cls", "class", "labels")
 KEY_COLUMNS = ("key", "__key__", "id", "image_id")
+MAX_INPUT_BYTES = 256 << 20  # one encoded image; far above any real photo, far below a memory problem
+MAX_KEY_BYTES = 1024
+MAX_LABEL_BYTES = 32  # a WebDataset ``cls`` member: an integer in text
+INT32 = (-(2**31), 2**31 - 1)
+
+
+class InputError(ValueError):
+    """The input cannot be used as given (missing, unknown layout, no image column): a user mistake."""
 
 
 @dataclass(frozen=True)
@@ -67,12 +85,14 @@ class RawSample:
 
 def detect_format(url: str, storage_options: Mapping | None = None) -> str:
     fs, root = filesystem(url, storage_options)
-    if fs.isfile(root):
+    if call(fs, "isfile", root):
         for fmt, suffix in (("webdataset", ".tar"), ("parquet", ".parquet")):
             if root.endswith(suffix):
                 return fmt
-        raise ValueError(f"cannot tell the format of {url}; pass --input-format")
-    names = [p.rsplit("/", 1)[-1] for p in fs.find(root)]
+        raise InputError(f"cannot tell the format of {url}; pass --input-format")
+    names = [p.rsplit("/", 1)[-1] for p in find(fs, root)]
+    if not names:
+        raise InputError(f"{url} does not exist or is empty")
     if "data.mdb" in names:
         return "lmdb"
     if any(n.endswith(".tar") for n in names):
@@ -81,7 +101,7 @@ def detect_format(url: str, storage_options: Mapping | None = None) -> str:
         return "parquet"
     if any(n.rsplit(".", 1)[-1].lower() in IMAGE_EXTS for n in names):
         return "folder"
-    raise ValueError(f"found no images, .tar, .parquet or LMDB under {url}")
+    raise InputError(f"found no images, .tar, .parquet or LMDB under {url}")
 
 
 def _rel(root: str, path: str) -> str:
@@ -95,9 +115,9 @@ def _shard_name(index: int) -> str:
 def plan(url: str, fmt: str, rows_per_shard: int, storage_options: Mapping | None = None) -> list[WorkItem]:
     """Deterministic work items (sorted listing) for the dataset at ``url``."""
     fs, root = filesystem(url, storage_options)
-    single = fs.isfile(root)
+    single = call(fs, "isfile", root)
     if fmt == "folder":
-        files = sorted(p for p in fs.find(root) if p.rsplit(".", 1)[-1].lower() in IMAGE_EXTS)
+        files = sorted(p for p in find(fs, root) if p.rsplit(".", 1)[-1].lower() in IMAGE_EXTS)
         rel = [_rel(root, p) for p in files]
         nested = [r for r in rel if "/" in r]
         classes = sorted({r.split("/", 1)[0] for r in nested}) if len(nested) == len(rel) else []
@@ -111,18 +131,22 @@ def plan(url: str, fmt: str, rows_per_shard: int, storage_options: Mapping | Non
             for i, s in enumerate(range(0, len(rel), rows_per_shard))
         ]
     if fmt == "webdataset":
-        tars = [root] if single else sorted(p for p in fs.find(root) if p.endswith(".tar"))
+        tars = [root] if single else sorted(p for p in find(fs, root) if p.endswith(".tar"))
         base = root.rsplit("/", 1)[0] if single else root
         return [
             WorkItem(_shard_name(i), fmt, _url(fs, t), unit=_rel(base, t)[: -len(".tar")]) for i, t in enumerate(tars)
         ]
     if fmt == "parquet":
-        files = [root] if single else sorted(p for p in fs.find(root) if p.endswith(".parquet"))
+        files = [root] if single else sorted(p for p in find(fs, root) if p.endswith(".parquet"))
         base = root.rsplit("/", 1)[0] if single else root
         items = []
         for path in files:
-            with fs.open(path, "rb") as f:
-                groups = pq.ParquetFile(f).num_row_groups
+            with open_input(fs, path) as f:
+                pf = pq.ParquetFile(f)
+                groups = pf.num_row_groups
+                if _pick(pf.schema_arrow.names, IMAGE_COLUMNS) is None:
+                    raise InputError(f"{_url(fs, path)} has no image column (looked for {', '.join(IMAGE_COLUMNS)}; "
+                                     f"it has {', '.join(pf.schema_arrow.names)})")
             stem = _rel(base, path)[: -len(".parquet")]
             for g in range(groups):
                 items.append(WorkItem(_shard_name(len(items)), fmt, _url(fs, path), g, g + 1, unit=stem))
@@ -152,20 +176,60 @@ def read_item(item: WorkItem, storage_options: Mapping | None = None) -> Iterato
     readers = {"folder": _read_folder, "webdataset": _read_tar, "parquet": _read_parquet, "lmdb": _read_lmdb}
     seen: set[str] = set()
     for sample in readers[item.kind](item, storage_options):
-        if sample.key in seen and sample.error is None:
+        problem = key_problem(sample.key)
+        if problem:
+            sample = RawSample(_printable(sample.key), sample.source, error=("bad_key", problem))
+        elif sample.error is None and sample.label is not None and not INT32[0] <= sample.label <= INT32[1]:
+            sample = RawSample(sample.key, sample.source, error=("bad_label", f"label {sample.label} does not fit int32"))
+        elif sample.key in seen and sample.error is None:
             sample = RawSample(sample.key, sample.source, error=("duplicate_key", f"key {sample.key!r} repeats in {item.unit}"))
         seen.add(sample.key)
         yield sample
 
 
+def key_problem(key: str) -> str | None:
+    """Why ``key`` cannot name a sample (None when it can). Keys become Parquet strings and
+    WebDataset member names that users extract: they must be UTF-8, printable and relative."""
+    try:
+        raw = key.encode("utf-8")
+    except UnicodeEncodeError:
+        return "key is not valid UTF-8"
+    if not raw:
+        return "empty key"
+    if len(raw) > MAX_KEY_BYTES:
+        return f"key is {len(raw)} bytes long (limit {MAX_KEY_BYTES})"
+    if any(unicodedata.category(c) in ("Cc", "Cf", "Cs", "Co", "Cn") for c in key):
+        return f"key {_printable(key)!r} holds control or unassigned characters"
+    if key.startswith("/") or ".." in key.split("/"):
+        return f"key {_printable(key)!r} is an absolute path or climbs out with '..'"
+    return None
+
+
+def _printable(key: str, limit: int = 200) -> str:
+    """A loggable form of a hostile key: escaped and cut short."""
+    return key.encode("utf-8", "backslashreplace").decode("ascii", "backslashreplace")[:limit]
+
+
 def _read_folder(item: WorkItem, storage_options) -> Iterator[RawSample]:
     fs, root = filesystem(item.url, storage_options)
+    real_root = os.path.realpath(root) if is_local(fs) else None
     for rel, label in zip(item.files, item.labels):
         key = rel.rsplit(".", 1)[0]
+        path = join(root, rel)
+        if real_root is not None:
+            real = os.path.realpath(path)
+            if os.path.commonpath([real_root, real]) != real_root:
+                yield RawSample(key, rel, error=("outside_root", f"{rel} resolves to a path outside the input folder"))
+                continue
         try:
-            data = fs.cat_file(join(root, rel))
+            data = read_bytes(fs, path, MAX_INPUT_BYTES)
+        except TooLarge as e:
+            yield RawSample(key, rel, error=("too_large", str(e)))
+            continue
         except OSError as e:
-            yield RawSample(key, rel, error=("read_error", str(e)))
+            if is_storage_fault(e):
+                raise  # the store's weather, not the input's fault: retried, never a rejection
+            yield RawSample(key, rel, error=("read_error", f"{type(e).__name__}: {e}"))
             continue
         yield RawSample(key, rel, None if label < 0 else label, data)
 
@@ -190,23 +254,43 @@ def _read_tar(item: WorkItem, storage_options) -> Iterator[RawSample]:
         return RawSample(name, item.unit, label, files[image_ext])
 
     try:
-        with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+        with open_input(fs, path) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
             for member in tar:
-                if not member.isfile():
+                if member.isdir():
                     continue
                 dirname, _, base = member.name.rpartition("/")
                 stem, _, ext = base.partition(".")
                 key = f"{dirname}/{stem}" if dirname else stem
+                refusal = _member_problem(member)
+                if refusal is not None:  # its data is skipped by the stream, never read
+                    yield RawSample(f"{item.unit}/{_printable(member.name)}", item.unit, error=refusal)
+                    continue
                 if current_key is not None and key != current_key:
                     yield flush(current_key, current)
                     current = {}
                 current_key = key
                 current[ext.lower()] = tar.extractfile(member).read()
     except (tarfile.TarError, OSError, EOFError) as e:
+        if is_storage_fault(e):
+            raise
         yield RawSample(f"{item.unit}/<tar>", item.unit, error=("corrupt_tar", f"{type(e).__name__}: {e}"))
         return
     if current_key is not None:
         yield flush(current_key, current)
+
+
+def _member_problem(member: tarfile.TarInfo) -> tuple[str, str] | None:
+    """(reason, message) for a tar member we refuse to read, else None."""
+    if not member.isfile():
+        return "not_a_file", f"member {_printable(member.name)!r} is a link or special file"
+    name = member.name
+    if name.startswith("/") or ".." in name.split("/"):
+        return "unsafe_name", f"member {_printable(name)!r} is absolute or climbs out with '..'"
+    ext = name.rpartition("/")[2].partition(".")[2].lower()
+    limit = MAX_LABEL_BYTES if ext == "cls" else MAX_INPUT_BYTES
+    if member.size > limit:
+        return ("bad_label" if ext == "cls" else "too_large"), f"member {_printable(name)!r} is {member.size} bytes (limit {limit})"
+    return None
 
 
 def _pick(names: list[str], candidates: tuple[str, ...]) -> str | None:
@@ -215,7 +299,7 @@ def _pick(names: list[str], candidates: tuple[str, ...]) -> str | None:
 
 def _read_parquet(item: WorkItem, storage_options) -> Iterator[RawSample]:
     fs, path = filesystem(item.url, storage_options)
-    with fs.open(path, "rb") as f:
+    with open_input(fs, path) as f:
         pf = pq.ParquetFile(f)
         names = pf.schema_arrow.names
         image_col = _pick(names, IMAGE_COLUMNS)

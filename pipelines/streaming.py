@@ -34,7 +34,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipelines.manifest import MANIFEST
 from pipelines.shards import decode_shard
-from pipelines.storage import filesystem, is_local, join, read_json
+from pipelines.retry import TransientError, retrying
+from pipelines.storage import exists, filesystem, is_local, join, read_bytes, read_json
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +56,19 @@ def _dist_rank_world() -> tuple[int, int]:
 
 class ShardCache:
     """Shard bytes by relative path: local files are read in place; remote ones are downloaded to a
-    local folder (LRU within ``budget_bytes``) and the next ones are fetched ahead in a thread."""
+    local folder (LRU within ``budget_bytes``) and the next ones are fetched ahead in threads.
 
-    def __init__(self, url: str, storage_options: Mapping | None, cache_dir: str | None, budget_bytes: int):
+    A download lands in the cache only when its sha256 matches the manifest (a body cut short or
+    damaged on the way is fetched again, a bounded number of times), and the requests of all
+    read-ahead threads share the process's request slots (see :func:`pipelines.retry.retrying`).
+    """
+
+    def __init__(
+        self, url: str, storage_options: Mapping | None, cache_dir: str | None, budget_bytes: int,
+        checksums: Mapping[str, str],
+    ):
         self.url, self.storage_options = url, dict(storage_options or {})
+        self.checksums = dict(checksums)
         self.budget = budget_bytes
         self.cache_dir = cache_dir
         self._fs = None
@@ -73,23 +83,38 @@ class ShardCache:
             if "://" in self.url and not self.url.startswith("file://"):
                 opts.setdefault("skip_instance_cache", True)
             self._fs, self._root = filesystem(self.url, opts)
-            if not is_local(self._fs) and self.cache_dir is None:
-                self.cache_dir = tempfile.mkdtemp(prefix="vfmtok-shards-")
+            if not is_local(self._fs):
+                if self.cache_dir is None:
+                    self.cache_dir = tempfile.mkdtemp(prefix="vfmtok-shards-")
+                os.makedirs(self.cache_dir, exist_ok=True)
         return self._fs
 
     def _local_path(self, rel: str) -> str:
         return os.path.join(self.cache_dir, rel.replace("/", "__"))
 
+    def _fetch_verified(self, rel: str) -> bytes:
+        data = read_bytes(self._filesystem(), join(self._root, rel))
+        if hashlib.sha256(data).hexdigest() != self.checksums[rel]:
+            raise TransientError(f"{rel}: downloaded bytes do not match the manifest's sha256")
+        return data
+
     def _download(self, rel: str) -> None:
-        fs = self._filesystem()
         dst = self._local_path(rel)
         tmp = f"{dst}.part-{os.getpid()}-{threading.get_ident()}"
         try:
-            fs.get_file(join(self._root, rel), tmp)
+            data = retrying(self._fetch_verified, rel, what=f"download {rel}", remote=False)
+            with open(tmp, "wb") as f:
+                f.write(data)
             os.replace(tmp, dst)
-        except Exception:  # noqa: BLE001 - reported when the shard is read
+        finally:
             if os.path.exists(tmp):
                 os.remove(tmp)
+
+    def _download_ahead(self, rel: str) -> None:
+        try:
+            self._download(rel)
+        except Exception:  # noqa: BLE001 - read() downloads again and reports the error then
+            log.debug("read-ahead of %s failed", rel, exc_info=True)
 
     def prefetch(self, rels: list[str]) -> None:
         fs = self._filesystem()
@@ -99,7 +124,7 @@ class ShardCache:
             with self._lock:
                 if rel in self._pending or os.path.exists(self._local_path(rel)):
                     continue
-                t = threading.Thread(target=self._download, args=(rel,), daemon=True)
+                t = threading.Thread(target=self._download_ahead, args=(rel,), daemon=True)
                 self._pending[rel] = t
             t.start()
 
@@ -164,7 +189,7 @@ class TokenDataset(IterableDataset):
         super().__init__()
         fs, root = filesystem(url, storage_options)
         path = join(root, MANIFEST)
-        if not fs.exists(path):
+        if not exists(fs, path):
             raise FileNotFoundError(f"{url} has no {MANIFEST}")
         m = read_json(fs, path)
         if expected_fingerprint is not None and m["fingerprint"] != expected_fingerprint:
@@ -192,7 +217,7 @@ class TokenDataset(IterableDataset):
             shard_bytes = (self.offsets[-1] / max(1, len(self.shards))) * self.variants * self.tokens_per_image * 2
             window_shards = int(shuffle_buffer_bytes // max(1.0, shard_bytes))
         self.window_shards = max(1, window_shards)
-        self.cache = ShardCache(url, storage_options, cache_dir, cache_bytes)
+        self.cache = ShardCache(url, storage_options, cache_dir, cache_bytes, {s["path"]: s["sha256"] for s in self.shards})
         self.epoch = 0
         self.consumed = 0  # global samples consumed this epoch (a prefix of the epoch order)
         self.skipped_shards: list[str] = []

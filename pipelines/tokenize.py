@@ -3,6 +3,10 @@
 Resuming is the normal path, not a special mode: the plan (work items and the settings that
 shape the output) is stored in the output folder on the first run; every later run with the same
 settings loads it, skips the items that already have a commit record and redoes the rest.
+
+The manifest is built from one fresh listing of the commit records taken at the start plus the
+records this run's commit tasks returned, never from a second listing: an object store's listing
+may lag behind (or a client may cache it), and what this run wrote it already knows.
 """
 
 from __future__ import annotations
@@ -20,12 +24,15 @@ from pipelines.manifest import (
     build_manifest,
     check_compatible,
     load_commits,
+    read_commit,
     write_manifest,
 )
-from pipelines.ray_tokenize import TokenizerSpec, run_items, start_workers
+from pipelines.ray_tokenize import RunStats, TokenizerSpec, run_items, start_workers
 from pipelines.shards import SHARD_FORMATS
 from pipelines.sources import WorkItem, detect_format, plan
-from pipelines.storage import filesystem, join, read_json, remove_stale_temporaries, write_json
+from pipelines.redact import redact_url
+from pipelines.retry import counting, summarize
+from pipelines.storage import exists, filesystem, join, read_json, remove, remove_stale_temporaries, write_json
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +61,7 @@ def _identity(opts: TokenizeOptions, info: dict, input_format: str) -> dict:
         "variants": list(expand_variants(opts.variants)),
         "format": opts.format,
         "tokens_per_image": info["tokens_per_image"],
-        "input": opts.input,
+        "input": redact_url(opts.input),
         "input_format": input_format,
         "rows_per_shard": opts.rows_per_shard,
     }
@@ -64,24 +71,24 @@ def _prepare_output(opts: TokenizeOptions, identity: dict) -> list[WorkItem]:
     """Check (or clear) an existing output and return the plan, creating it on the first run."""
     fs, root = filesystem(opts.output, opts.storage_options)
     plan_path = join(root, PLAN)
-    if opts.overwrite and fs.exists(root):
-        log.warning("--overwrite: deleting %s", opts.output)
-        fs.rm(root, recursive=True)
+    if opts.overwrite and exists(fs, root):
+        log.warning("--overwrite: deleting %s", redact_url(opts.output))
+        remove(fs, root)
     for name in (MANIFEST, PLAN):
         path = join(root, name)
-        if fs.exists(path):
+        if exists(fs, path):
             existing = read_json(fs, path)
             check_compatible(existing.get("identity", existing), identity, opts.output)
     removed = remove_stale_temporaries(fs, root)
     if removed:
         log.info("removed %d temporary files left by an interrupted run", removed)
-    if fs.exists(plan_path):
+    if exists(fs, plan_path):
         items = [WorkItem.from_dict(d) for d in read_json(fs, plan_path)["items"]]
         log.info("resuming: %d work items planned earlier", len(items))
         return items
     items = plan(opts.input, identity["input_format"], opts.rows_per_shard, opts.storage_options)
     write_json(fs, plan_path, {"identity": identity, "items": [i.to_dict() for i in items]})
-    log.info("planned %d work items from %s (%s)", len(items), opts.input, identity["input_format"])
+    log.info("planned %d work items from %s (%s)", len(items), redact_url(opts.input), identity["input_format"])
     return items
 
 
@@ -92,7 +99,8 @@ def run_tokenize(opts: TokenizeOptions) -> dict:
     if opts.format not in SHARD_FORMATS:
         raise ValueError(f"--format must be one of {SHARD_FORMATS}")
     variants = expand_variants(opts.variants)
-    input_format = opts.input_format or detect_format(opts.input, opts.storage_options)
+    with counting() as driver_io:
+        input_format = opts.input_format or detect_format(opts.input, opts.storage_options)
     cpus = int(ray.cluster_resources().get("CPU", 1))
     threads = opts.threads or max(1, cpus // max(1, opts.workers))
     # The tokenizer's fingerprint decides whether an existing output may be extended, so the
@@ -101,12 +109,14 @@ def run_tokenize(opts: TokenizeOptions) -> dict:
     try:
         info = ray.get(actors[0].info.remote())
         identity = _identity(opts, info, input_format)
-        items = _prepare_output(opts, identity)
-        fs, root = filesystem(opts.output, opts.storage_options)
-        done = load_commits(fs, root)
-        todo = [i for i in items if i.shard not in done]
+        with counting() as more:
+            items = _prepare_output(opts, identity)
+            fs, root = filesystem(opts.output, opts.storage_options)
+            commits = load_commits(fs, root)
+        driver_io.update(more)
+        todo = [i for i in items if i.shard not in commits]
         log.info("%d of %d work items already committed; %d to do", len(items) - len(todo), len(items), len(todo))
-        stats = None
+        stats = RunStats()
         if todo:
             stats = run_items(
                 todo, actors=actors, image_size=info["image_size"], output=opts.output, fmt=opts.format,
@@ -115,12 +125,20 @@ def run_tokenize(opts: TokenizeOptions) -> dict:
     finally:
         for actor in actors:
             ray.kill(actor)
-    commits = load_commits(fs, root)
-    manifest = build_manifest(identity, info["config"], info["codebook_size"], commits, len(items))
-    write_manifest(fs, root, manifest)
+    with counting() as more:
+        commits.update(stats.records)
+        # A failed call may still have committed (its result was lost, not its writes): ask.
+        for failure in stats.failed:
+            record = read_commit(fs, root, failure["shard"])
+            if record is not None:
+                commits[record["shard"]] = record
+        manifest = build_manifest(identity, info["config"], info["codebook_size"], commits, len(items))
+        write_manifest(fs, root, manifest)
+    driver_io.update(more)
+    stats.io.update(driver_io)
     totals = manifest["totals"]
     summary = {
-        "output": opts.output,
+        "output": redact_url(opts.output),
         "images": totals["images"],
         "variants": identity["variants"],
         "rejects": totals["rejects"],
@@ -129,11 +147,12 @@ def run_tokenize(opts: TokenizeOptions) -> dict:
         "bytes": totals["bytes"],
         "complete": manifest["complete"],
         "this_run": {
-            "images": stats.images if stats else 0,
-            "seconds": round(stats.seconds, 2) if stats else 0.0,
-            "images_per_s": round(stats.images / stats.seconds, 2) if stats and stats.seconds else 0.0,
-            "failed_items": stats.failed if stats else [],
-            "rejects_by_reason": dict(Counter(stats.rejects)) if stats else {},
+            "images": stats.images,
+            "seconds": round(stats.seconds, 2),
+            "images_per_s": round(stats.images / stats.seconds, 2) if stats.seconds else 0.0,
+            "failed_items": stats.failed,
+            "rejects_by_reason": dict(Counter(stats.rejects)),
+            "storage": summarize(stats.io),
         },
     }
     return summary

@@ -42,6 +42,9 @@ def test_summary(tmp_path, fmt, capsys):
     assert printed["images"] == 3
 
 
-def test_not_a_dataset(tmp_path):
-    with pytest.raises(FileNotFoundError, match="manifest.json"):
+def test_not_a_dataset(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
         main([str(tmp_path)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "manifest.json" in err[0]
