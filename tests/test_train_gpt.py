@@ -16,6 +16,7 @@ import pytest
 from jobs.train_gpt import TrainConfig, train
 from pipelines.streaming import DatasetMismatch
 from tests.pipeline_data import make_token_dataset
+from tests.processes import descendants
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = dict(global_batch=8, log_every=1, precision="fp32", num_workers=0)
@@ -80,27 +81,9 @@ def test_data_and_checkpoints_on_s3(tmp_path, data, s3_bucket):
     assert state["data"]["consumed"] == 32 and isinstance(state["model"]["norm.weight"], torch.Tensor)
 
 
-def _descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
-
-
 def _kill_tree(pid: int) -> None:
     """SIGKILL torchrun and its workers (they do not share its process group)."""
-    for p in [*_descendants(pid), pid]:
+    for p in [*descendants(pid), pid]:
         try:
             os.kill(p, signal.SIGKILL)
         except ProcessLookupError:
