@@ -17,7 +17,7 @@ from pipelines.images import DEFAULT_MAX_PIXELS, VARIANT_SETS
 from pipelines.manifest import IncompatibleOutput
 from pipelines.ray_runtime import ray_session
 from pipelines.shards import SHARD_FORMATS
-from pipelines.sources import FORMATS, InputError
+from pipelines.sources import FORMATS, InputError, detect_format
 from pipelines.tokenize import TokenizeOptions, TokenizerSpec, run_tokenize
 from vfmtok_core import CONFIGS
 
@@ -49,14 +49,13 @@ class TokenizeConfig:
 
 
 def to_options(cfg: TokenizeConfig, cluster_gpus: float) -> TokenizeOptions:
-    if not cfg.input or not cfg.output:
-        raise UsageError("--input and --output are required")
     storage = storage_options(cfg.storage_options)
     gpus = cfg.gpus_per_worker if cfg.gpus_per_worker >= 0 else (1.0 if cluster_gpus else 0.0)
     workers = cfg.workers or (max(1, int(cluster_gpus / gpus)) if gpus else 1)
     spec = TokenizerSpec(cfg.config, cfg.tokenizer, cfg.dinov2, cfg.seed, cfg.precision, storage)
     return TokenizeOptions(
-        input=cfg.input, output=cfg.output, format=cfg.format, input_format=cfg.input_format,
+        input=cfg.input, output=cfg.output, format=cfg.format,
+        input_format=cfg.input_format or detect_format(cfg.input, storage),
         variants=tuple(v.strip() for v in cfg.variants.split(",") if v.strip()), spec=spec,
         batch_size=cfg.batch_size, workers=workers, gpus_per_worker=gpus, threads=cfg.threads,
         rows_per_shard=cfg.rows_per_shard, max_pixels=cfg.max_pixels, storage_options=storage,
@@ -64,7 +63,16 @@ def to_options(cfg: TokenizeConfig, cluster_gpus: float) -> TokenizeOptions:
     )
 
 
+def check(cfg: TokenizeConfig) -> None:
+    """The user mistakes that can be found before Ray starts (seconds, and log lines, saved)."""
+    if not cfg.input or not cfg.output:
+        raise UsageError("--input and --output are required")
+    if not cfg.input_format:
+        detect_format(cfg.input, storage_options(cfg.storage_options))  # also proves the input exists
+
+
 def run(cfg: TokenizeConfig) -> dict:
+    check(cfg)
     with ray_session() as ray:
         opts = to_options(cfg, ray.cluster_resources().get("GPU", 0.0))
         summary = run_tokenize(opts)

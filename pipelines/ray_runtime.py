@@ -13,8 +13,9 @@ import contextlib
 import logging
 import os
 
-# Set before Ray is imported so the embedded instance starts without token-auth files, usage
-# stats or per-operator progress bars.
+# Ray reads these when it is imported, so they are set when this module is imported (every job
+# imports it before Ray) and again before each session: no usage stats, no per-operator progress
+# bars, and token authentication for an embedded instance (see the module docstring).
 _QUIET_ENV = {
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_BACKEND_LOG_LEVEL": "fatal",
@@ -22,13 +23,20 @@ _QUIET_ENV = {
 }
 
 
-@contextlib.contextmanager
-def ray_session(num_cpus: int | None = None, dashboard: bool = False):
-    """Yield with Ray initialised; only an instance started here is shut down on exit."""
+def _prepare_environment() -> None:
     for k, v in _QUIET_ENV.items():
         os.environ.setdefault(k, v)
     if not os.environ.get("RAY_ADDRESS"):
         os.environ.setdefault("RAY_AUTH_MODE", "token")
+
+
+_prepare_environment()
+
+
+@contextlib.contextmanager
+def ray_session(num_cpus: int | None = None, dashboard: bool = False):
+    """Yield with Ray initialised; only an instance started here is shut down on exit."""
+    _prepare_environment()
     import ray
 
     if ray.is_initialized():

@@ -177,13 +177,17 @@ def read_item(item: WorkItem, storage_options: Mapping | None = None) -> Iterato
     seen: set[str] = set()
     for sample in readers[item.kind](item, storage_options):
         problem = key_problem(sample.key)
-        if problem:
+        if sample.error is not None:
+            if problem:  # keep the reason, but never record a hostile key verbatim
+                sample = RawSample(_printable(sample.key), sample.source, error=sample.error)
+        elif problem:
             sample = RawSample(_printable(sample.key), sample.source, error=("bad_key", problem))
-        elif sample.error is None and sample.label is not None and not INT32[0] <= sample.label <= INT32[1]:
+        elif sample.label is not None and not INT32[0] <= sample.label <= INT32[1]:
             sample = RawSample(sample.key, sample.source, error=("bad_label", f"label {sample.label} does not fit int32"))
-        elif sample.key in seen and sample.error is None:
+        elif sample.key in seen:
             sample = RawSample(sample.key, sample.source, error=("duplicate_key", f"key {sample.key!r} repeats in {item.unit}"))
-        seen.add(sample.key)
+        else:
+            seen.add(sample.key)  # the first accepted occurrence wins
         yield sample
 
 
@@ -207,7 +211,7 @@ def key_problem(key: str) -> str | None:
 
 def _printable(key: str, limit: int = 200) -> str:
     """A loggable form of a hostile key: escaped and cut short."""
-    return key.encode("utf-8", "backslashreplace").decode("ascii", "backslashreplace")[:limit]
+    return key.encode("unicode_escape").decode("ascii")[:limit]
 
 
 def _read_folder(item: WorkItem, storage_options) -> Iterator[RawSample]:
@@ -237,13 +241,15 @@ def _read_folder(item: WorkItem, storage_options) -> Iterator[RawSample]:
 def _read_tar(item: WorkItem, storage_options) -> Iterator[RawSample]:
     """Group consecutive members by WebDataset key (basename up to its first dot)."""
     fs, path = filesystem(item.url, storage_options)
-    current: dict[str, bytes] = {}
+    current: dict[str, bytes | None] = {}
     current_key = None
 
-    def flush(key: str, files: dict[str, bytes]) -> RawSample:
+    def flush(key: str, files: dict[str, bytes | None]) -> RawSample:
         name = f"{item.unit}/{key}"
         image_ext = next((e for e in IMAGE_EXTS if e in files), None)
         label = None
+        if "cls" in files and files["cls"] is None:
+            return RawSample(name, item.unit, error=("bad_label", f"cls member is over {MAX_LABEL_BYTES} bytes"))
         if "cls" in files:
             try:
                 label = int(files["cls"].decode().strip())
@@ -263,13 +269,16 @@ def _read_tar(item: WorkItem, storage_options) -> Iterator[RawSample]:
                 key = f"{dirname}/{stem}" if dirname else stem
                 refusal = _member_problem(member)
                 if refusal is not None:  # its data is skipped by the stream, never read
-                    yield RawSample(f"{item.unit}/{_printable(member.name)}", item.unit, error=refusal)
+                    yield RawSample(f"{item.unit}/{_printable(key)}", item.unit, error=refusal)
                     continue
                 if current_key is not None and key != current_key:
                     yield flush(current_key, current)
                     current = {}
                 current_key = key
-                current[ext.lower()] = tar.extractfile(member).read()
+                if ext.lower() == "cls" and member.size > MAX_LABEL_BYTES:
+                    current["cls"] = None  # refused unread; rejects the whole sample in flush()
+                else:
+                    current[ext.lower()] = tar.extractfile(member).read()
     except (tarfile.TarError, OSError, EOFError) as e:
         if is_storage_fault(e):
             raise
@@ -287,9 +296,8 @@ def _member_problem(member: tarfile.TarInfo) -> tuple[str, str] | None:
     if name.startswith("/") or ".." in name.split("/"):
         return "unsafe_name", f"member {_printable(name)!r} is absolute or climbs out with '..'"
     ext = name.rpartition("/")[2].partition(".")[2].lower()
-    limit = MAX_LABEL_BYTES if ext == "cls" else MAX_INPUT_BYTES
-    if member.size > limit:
-        return ("bad_label" if ext == "cls" else "too_large"), f"member {_printable(name)!r} is {member.size} bytes (limit {limit})"
+    if ext != "cls" and member.size > MAX_INPUT_BYTES:
+        return "too_large", f"member {_printable(name)!r} is {member.size} bytes (limit {MAX_INPUT_BYTES})"
     return None
 
 

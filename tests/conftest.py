@@ -10,6 +10,8 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+import pipelines.ray_runtime  # noqa: E402,F401 - sets Ray's environment before any test imports Ray
+
 from tests.golden import load_npz, recipe_state_dict  # noqa: E402
 
 
