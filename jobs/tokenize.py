@@ -48,14 +48,14 @@ class TokenizeConfig:
     overwrite: bool = field(default=False, metadata={"help": "delete an incompatible existing output"})
 
 
-def to_options(cfg: TokenizeConfig, cluster_gpus: float) -> TokenizeOptions:
+def to_options(cfg: TokenizeConfig, cluster_gpus: float, input_format: str) -> TokenizeOptions:
     storage = storage_options(cfg.storage_options)
     gpus = cfg.gpus_per_worker if cfg.gpus_per_worker >= 0 else (1.0 if cluster_gpus else 0.0)
     workers = cfg.workers or (max(1, int(cluster_gpus / gpus)) if gpus else 1)
     spec = TokenizerSpec(cfg.config, cfg.tokenizer, cfg.dinov2, cfg.seed, cfg.precision, storage)
     return TokenizeOptions(
         input=cfg.input, output=cfg.output, format=cfg.format,
-        input_format=cfg.input_format or detect_format(cfg.input, storage),
+        input_format=input_format,
         variants=tuple(v.strip() for v in cfg.variants.split(",") if v.strip()), spec=spec,
         batch_size=cfg.batch_size, workers=workers, gpus_per_worker=gpus, threads=cfg.threads,
         rows_per_shard=cfg.rows_per_shard, max_pixels=cfg.max_pixels, storage_options=storage,
@@ -63,18 +63,18 @@ def to_options(cfg: TokenizeConfig, cluster_gpus: float) -> TokenizeOptions:
     )
 
 
-def check(cfg: TokenizeConfig) -> None:
-    """The user mistakes that can be found before Ray starts (seconds, and log lines, saved)."""
+def check(cfg: TokenizeConfig) -> str:
+    """Find the user mistakes that show before Ray starts (seconds, and log lines, saved): missing
+    flags, bad storage options, an input that is not there. Returns the input's format."""
     if not cfg.input or not cfg.output:
         raise UsageError("--input and --output are required")
-    if not cfg.input_format:
-        detect_format(cfg.input, storage_options(cfg.storage_options))  # also proves the input exists
+    return cfg.input_format or detect_format(cfg.input, storage_options(cfg.storage_options))
 
 
 def run(cfg: TokenizeConfig) -> dict:
-    check(cfg)
+    input_format = check(cfg)
     with ray_session() as ray:
-        opts = to_options(cfg, ray.cluster_resources().get("GPU", 0.0))
+        opts = to_options(cfg, ray.cluster_resources().get("GPU", 0.0), input_format)
         summary = run_tokenize(opts)
     this = summary["this_run"]
     log.info(

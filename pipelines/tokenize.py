@@ -99,33 +99,31 @@ def run_tokenize(opts: TokenizeOptions) -> dict:
     if opts.format not in SHARD_FORMATS:
         raise ValueError(f"--format must be one of {SHARD_FORMATS}")
     variants = expand_variants(opts.variants)
+    # Storage requests made here, by the driver itself (the tasks report their own).
     with counting() as driver_io:
         input_format = opts.input_format or detect_format(opts.input, opts.storage_options)
-    cpus = int(ray.cluster_resources().get("CPU", 1))
-    threads = opts.threads or max(1, cpus // max(1, opts.workers))
-    # The tokenizer's fingerprint decides whether an existing output may be extended, so the
-    # actors start (and report it) before the output is touched.
-    actors = start_workers(opts.spec, opts.workers, opts.gpus_per_worker, threads, opts.batch_size)
-    try:
-        info = ray.get(actors[0].info.remote())
-        identity = _identity(opts, info, input_format)
-        with counting() as more:
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        threads = opts.threads or max(1, cpus // max(1, opts.workers))
+        # The tokenizer's fingerprint decides whether an existing output may be extended, so the
+        # actors start (and report it) before the output is touched.
+        actors = start_workers(opts.spec, opts.workers, opts.gpus_per_worker, threads, opts.batch_size)
+        try:
+            info = ray.get(actors[0].info.remote())
+            identity = _identity(opts, info, input_format)
             items = _prepare_output(opts, identity)
             fs, root = filesystem(opts.output, opts.storage_options)
             commits = load_commits(fs, root)
-        driver_io.update(more)
-        todo = [i for i in items if i.shard not in commits]
-        log.info("%d of %d work items already committed; %d to do", len(items) - len(todo), len(items), len(todo))
-        stats = RunStats()
-        if todo:
-            stats = run_items(
-                todo, actors=actors, image_size=info["image_size"], output=opts.output, fmt=opts.format,
-                variants=variants, max_pixels=opts.max_pixels, storage_options=opts.storage_options,
-            )
-    finally:
-        for actor in actors:
-            ray.kill(actor)
-    with counting() as more:
+            todo = [i for i in items if i.shard not in commits]
+            log.info("%d of %d work items already committed; %d to do", len(items) - len(todo), len(items), len(todo))
+            stats = RunStats()
+            if todo:
+                stats = run_items(
+                    todo, actors=actors, image_size=info["image_size"], output=opts.output, fmt=opts.format,
+                    variants=variants, max_pixels=opts.max_pixels, storage_options=opts.storage_options,
+                )
+        finally:
+            for actor in actors:
+                ray.kill(actor)
         commits.update(stats.records)
         # A failed call may still have committed (its result was lost, not its writes): ask.
         for failure in stats.failed:
@@ -134,7 +132,6 @@ def run_tokenize(opts: TokenizeOptions) -> dict:
                 commits[record["shard"]] = record
         manifest = build_manifest(identity, info["config"], info["codebook_size"], commits, len(items))
         write_manifest(fs, root, manifest)
-    driver_io.update(more)
     stats.io.update(driver_io)
     totals = manifest["totals"]
     summary = {

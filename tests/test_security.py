@@ -260,16 +260,22 @@ def test_local_s3_script_listens_on_loopback_only():
 
 def test_embedded_ray_refuses_clients_without_its_token(tmp_path):
     """Ray's processes listen on every interface; the embedded instance keeps token auth on, so a
-    client elsewhere (here: one without the token file) cannot join it and run code."""
-    from pipelines.ray_runtime import ray_session
-
-    import ray
-
-    ray.shutdown()
-    with ray_session(num_cpus=1):
-        gcs = ray.get_runtime_context().gcs_address
-        env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-        env.update(HOME=str(tmp_path), RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
-        probe = f"import ray; ray.init(address='{gcs}'); print('JOINED', ray.cluster_resources())"
-        done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
-    assert done.returncode != 0 and "JOINED" not in done.stdout
+    client elsewhere (here: one without the token file) cannot join it and run code. The cluster
+    runs in a child process, so this test leaves no Ray behind in the test process."""
+    host = f"""
+import os, subprocess, sys
+from pipelines.ray_runtime import ray_session
+import ray
+with ray_session(num_cpus=1):
+    gcs = ray.get_runtime_context().gcs_address
+    env = {{k: v for k, v in os.environ.items() if not k.startswith("RAY_")}}
+    env.update(HOME={str(tmp_path)!r}, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
+    probe = f"import ray; ray.init(address='{{gcs}}'); print('JOINED')"
+    done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
+    print("PROBE", done.returncode, "JOINED" in done.stdout)
+"""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}
+    done = subprocess.run([sys.executable, "-c", host], cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert "PROBE" in done.stdout, done.stderr[-2000:]
+    returncode, joined = done.stdout.split("PROBE")[1].split()
+    assert returncode != "0" and joined == "False"

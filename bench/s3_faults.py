@@ -1,0 +1,98 @@
+"""The tokenization job on S3 in fair and foul weather, measured side by side in one run.
+
+A local S3 server (moto, 127.0.0.1) holds a folder of photo-sized JPEGs. The same job (``tiny``
+config, S3 to S3) runs twice: straight to the server, then through the fault-injecting proxy
+(``infra/s3_fault_proxy.py``) at the rates given. Printed: images/s of each, their ratio, requests
+per image, the retries the job counted by kind and the faults the proxy injected, and whether the
+two outputs are identical shard for shard (they must be).
+
+Run: ``python -m bench.s3_faults`` (about a minute on 2 cores).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench.pipeline import write_jpegs
+from jobs.cli import parse_config, setup_logging
+from jobs.tokenize import TokenizeConfig, run
+from pipelines.ray_runtime import ray_session
+
+log = logging.getLogger("bench.s3_faults")
+
+
+@dataclass
+class BenchConfig:
+    """Throughput and retries of an S3-to-S3 tokenization job, clean versus through injected faults."""
+
+    images: int = field(default=480, metadata={"help": "JPEGs in the input folder"})
+    rows_per_shard: int = field(default=32, metadata={"help": "images per work item"})
+    slowdown: float = field(default=0.05, metadata={"help": "rate of 503 SlowDown"})
+    reset: float = field(default=0.02, metadata={"help": "rate of connections dropped after forwarding"})
+    truncate: float = field(default=0.01, metadata={"help": "rate of bodies cut in half"})
+    seed: int = field(default=0, metadata={"help": "the proxy's fault seed"})
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main(argv=None) -> dict:
+    setup_logging()
+    cfg = parse_config(BenchConfig, argv, description=__doc__)
+    import boto3
+    import s3fs
+    from moto.server import ThreadedMotoServer
+
+    from infra.s3_fault_proxy import FaultProxy, FaultRates
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        os.environ.setdefault(k, "bench")
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="bench")
+        direct = {"client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"}}
+        with tempfile.TemporaryDirectory() as tmp:
+            write_jpegs(Path(tmp) / "in", cfg.images)
+            s3fs.S3FileSystem(skip_instance_cache=True, **direct).put(f"{tmp}/in", "bench/in", recursive=True)
+        rates = FaultRates(slowdown=cfg.slowdown, reset=cfg.reset, truncate=cfg.truncate)
+        with FaultProxy(endpoint, rates, seed=cfg.seed) as proxy, ray_session():
+            flaky = {**direct, "client_kwargs": {**direct["client_kwargs"], "endpoint_url": proxy.endpoint}}
+            summaries = {}
+            for name, opts in (("clean", direct), ("faults", flaky)):
+                summaries[name] = run(TokenizeConfig(input="s3://bench/in", output=f"s3://bench/out-{name}",
+                                                     rows_per_shard=cfg.rows_per_shard, storage_options=json.dumps(opts)))
+            injected = proxy.counts
+        fs = s3fs.S3FileSystem(skip_instance_cache=True, **direct)
+        manifests = {n: json.loads(fs.cat_file(f"bench/out-{n}/manifest.json")) for n in summaries}
+    finally:
+        server.stop()
+    clean, faults = (summaries[n]["this_run"] for n in ("clean", "faults"))
+    result = {
+        "images": cfg.images,
+        "clean_images_per_s": clean["images_per_s"],
+        "faults_images_per_s": faults["images_per_s"],
+        "ratio_faults_vs_clean": round(faults["images_per_s"] / clean["images_per_s"], 3),
+        "requests_per_image": round(faults["storage"]["requests"] / cfg.images, 2),
+        "retries_counted": faults["storage"]["retries_by_kind"],
+        "faults_injected": {k: v for k, v in injected.items() if v and k != "max_in_flight"},
+        "identical_outputs": manifests["clean"]["shards"] == manifests["faults"]["shards"],
+    }
+    print(json.dumps(result, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()
