@@ -34,6 +34,7 @@ bench: $(VENV)/.ready-bench  ## benchmarks (print side-by-side ratios)
 	$(PY) -m bench.pipeline
 	$(PY) -m bench.loader
 	$(PY) -m bench.kernels
+	$(PY) -m bench.s3_faults
 
 clean:
 	rm -rf out .pytest_cache

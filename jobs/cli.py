@@ -61,6 +61,7 @@ def parse_config(cls: type[T], argv: Sequence[str] | None = None, description: s
 def setup_logging(level: int = logging.INFO) -> None:
     """Log lines with a time stamp; credentials a job was given are masked in every line."""
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("aiobotocore.credentials").setLevel(logging.WARNING)  # one line per S3 client otherwise
     install_log_filter()
 
 
