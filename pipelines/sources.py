@@ -17,7 +17,7 @@ unit is rejected as ``duplicate_key`` (the first occurrence wins).
 Inputs are untrusted. Every sample passes the same checks before it is decoded, and a failing one
 is a recorded rejection, never an exception that stops the item: keys must be short, printable
 UTF-8 and relative (no ``..``, no leading ``/``: they become member names in WebDataset output);
-labels must fit int32; one image may be at most ``MAX_INPUT_BYTES`` (read without loading more);
+labels must fit int32; a folder file or tar member may hold at most ``MAX_INPUT_BYTES`` (never read past);
 tar members that are links or carry unsafe names are refused; a folder file whose real path leaves
 the input root (a symlink pointing out) is refused, never read.
 """
