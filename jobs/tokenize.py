@@ -17,8 +17,9 @@ from pipelines.images import DEFAULT_MAX_PIXELS, VARIANT_SETS
 from pipelines.manifest import IncompatibleOutput
 from pipelines.ray_runtime import ray_session
 from pipelines.shards import SHARD_FORMATS
-from pipelines.sources import FORMATS, InputError, detect_format
-from pipelines.tokenize import TokenizeOptions, TokenizerSpec, run_tokenize
+from pipelines.ray_tokenize import JobStopped
+from pipelines.sources import FORMATS, Columns, InputError, detect_format
+from pipelines.tokenize import TokenizeOptions, TokenizerSpec, dry_run, run_tokenize
 from vfmtok_core import CONFIGS
 
 log = logging.getLogger("jobs.tokenize")
@@ -46,6 +47,10 @@ class TokenizeConfig:
     precision: str = field(default="fp32", metadata={"help": "tokenizer precision", "choices": ["fp32", "bf16"]})
     storage_options: str = field(default="{}", metadata={"help": "fsspec options as JSON, or @FILE holding JSON (keeps keys off the command line)"})
     overwrite: bool = field(default=False, metadata={"help": "delete an incompatible existing output"})
+    image_column: str | None = field(default=None, metadata={"help": "Parquet input: the image column (default: found by name)"})
+    label_column: str | None = field(default=None, metadata={"help": "Parquet input: the label column (default: found by name)"})
+    key_column: str | None = field(default=None, metadata={"help": "Parquet input: the key column (default: found by name)"})
+    dry_run: bool = field(default=False, metadata={"help": "plan, print what a run would do (and skip), and exit; starts nothing"})
 
 
 def to_options(cfg: TokenizeConfig, cluster_gpus: float, input_format: str) -> TokenizeOptions:
@@ -59,7 +64,7 @@ def to_options(cfg: TokenizeConfig, cluster_gpus: float, input_format: str) -> T
         variants=tuple(v.strip() for v in cfg.variants.split(",") if v.strip()), spec=spec,
         batch_size=cfg.batch_size, workers=workers, gpus_per_worker=gpus, threads=cfg.threads,
         rows_per_shard=cfg.rows_per_shard, max_pixels=cfg.max_pixels, storage_options=storage,
-        overwrite=cfg.overwrite,
+        overwrite=cfg.overwrite, columns=Columns(cfg.image_column, cfg.label_column, cfg.key_column),
     )
 
 
@@ -73,9 +78,18 @@ def check(cfg: TokenizeConfig) -> str:
 
 def run(cfg: TokenizeConfig) -> dict:
     input_format = check(cfg)
+    if cfg.dry_run:
+        return dry_run(to_options(cfg, 0.0, input_format))
+    if not cfg.tokenizer:
+        log.warning(
+            "RANDOM WEIGHTS: no --tokenizer was given, so config %r runs with seed-%d random weights. "
+            "These tokens are for trying the pipeline only; pass --tokenizer (and --dinov2) for real ones.",
+            cfg.config, cfg.seed,
+        )
     with ray_session() as ray:
         opts = to_options(cfg, ray.cluster_resources().get("GPU", 0.0), input_format)
         summary = run_tokenize(opts)
+    summary["random_weights"] = not cfg.tokenizer
     this = summary["this_run"]
     log.info(
         "%d images x %d variants in %d shards (%.1f MB); %d rejected %s; this run: %d images in %.1fs (%.1f images/s)",
@@ -91,10 +105,10 @@ def main(argv=None) -> None:
     setup_logging()
     try:
         summary = run(parse_config(TokenizeConfig, argv, description=__doc__))
-    except (IncompatibleOutput, InputError, UsageError) as e:
+    except (IncompatibleOutput, InputError, UsageError, JobStopped) as e:
         fail(e)
     print(json.dumps(summary, indent=1))
-    sys.exit(0 if summary["complete"] else 1)
+    sys.exit(0 if summary.get("complete", True) else 1)  # a dry run has nothing to complete
 
 
 if __name__ == "__main__":

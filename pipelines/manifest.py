@@ -26,7 +26,9 @@ PLAN = "_state/plan.json"
 COMMITS = "_state/commits"
 # Settings that change the tokens or the layout: a rerun must match them to reuse the output.
 COMMIT_RECORD_BYTES = 1 << 20  # a record is a few hundred bytes; a larger one is not ours
-IDENTITY_KEYS = ("fingerprint", "variants", "format", "tokens_per_image", "input", "input_format", "rows_per_shard")
+IDENTITY_KEYS = (
+    "fingerprint", "variants", "format", "tokens_per_image", "input", "input_format", "rows_per_shard", "columns",
+)
 
 
 class IncompatibleOutput(RuntimeError):
@@ -64,7 +66,11 @@ def load_commits(fs, root: str) -> dict[str, dict]:
     return {rec["shard"]: rec for rec in records}
 
 
-def build_manifest(identity: dict, tokenizer_config: dict, codebook_size: int, commits: dict[str, dict], planned: int) -> dict:
+def build_manifest(
+    identity: dict, tokenizer_config: dict, codebook_size: int, commits: dict[str, dict], planned: int,
+    classes: list[str] | None = None,
+) -> dict:
+    """``classes``: a folder input's class names (label i is ``classes[i]``), kept for readers."""
     records = [commits[k] for k in sorted(commits)]
     rejects = Counter()
     for r in records:
@@ -88,6 +94,7 @@ def build_manifest(identity: dict, tokenizer_config: dict, codebook_size: int, c
             "committed_items": len(records),
         },
         "complete": len(records) == planned,
+        **({"classes": classes} if classes else {}),
     }
 
 

@@ -15,10 +15,10 @@ import os
 
 # Ray reads these when it is imported, so they are set when this module is imported (every job
 # imports it before Ray) and again before each session: no usage stats, no per-operator progress
-# bars, and token authentication for an embedded instance (see the module docstring).
+# bars, and token authentication for an embedded instance (see the module docstring). The C++
+# log level is left alone: setting it prints a line of its own on every start.
 _QUIET_ENV = {
     "RAY_USAGE_STATS_ENABLED": "0",
-    "RAY_BACKEND_LOG_LEVEL": "fatal",
     "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
 }
 

@@ -9,8 +9,9 @@ large the dataset. Exactly-once output follows from determinism plus the commit 
 always becomes the same shard bytes under the same name, and only a written commit record makes it
 count. Actor deaths are retried by Ray (the actors restart and rerun the call). Storage faults are
 retried request by request (:mod:`pipelines.retry`); only when the store stays unavailable through
-every attempt does Ray rerun the whole task (a few times). Any other exception is deterministic,
-so the item is reported as failed at once, never retried; a rerun of the command finishes what is left.
+every attempt does Ray rerun the whole task (a few times), and if it still fails the item is reported
+and the others go on. Any other exception raised in a task would repeat, so the first one stops the
+job (:class:`JobStopped`), never retried; a rerun of the command finishes what is left.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import numpy as np
 
 from pipelines.images import Rejected, decode_image, make_variants
 from pipelines.manifest import commit_shard
-from pipelines.retry import StorageUnavailable, counting
+from pipelines.retry import StorageUnavailable, counting, is_storage_fault
 from pipelines.shards import ShardRows
 from pipelines.sources import WorkItem, read_item, sha256
 from pipelines.storage import filesystem
@@ -134,6 +135,26 @@ def commit(item: WorkItem, meta: Prepared, tokens: np.ndarray, output: str, fmt:
     return record, io + meta.io
 
 
+class JobStopped(RuntimeError):
+    """A work item failed with an error that every retry, and every other item, would repeat (a
+    corrupt input file, a bad setting): the job stops at once rather than fail item after item."""
+
+
+def _repeats(error: Exception) -> bool:
+    """True for an exception raised by our own code in a task (Ray wraps it in a RayTaskError that
+    is also an instance of the original class), unless it is the store's weather. Lost workers and
+    objects are Ray's to retry and are not deterministic."""
+    import ray
+
+    return isinstance(error, ray.exceptions.RayTaskError) and not is_storage_fault(error)
+
+
+def _first_line(error: Exception) -> str:
+    cause = getattr(error, "cause", None) or error
+    text = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {text[0] if text else ''}"
+
+
 @dataclass
 class RunStats:
     images: int = 0
@@ -209,8 +230,16 @@ def run_items(
         item = inflight.pop(done[0])
         try:
             record, io = ray.get(done[0])
-        except Exception as e:  # noqa: BLE001 - one bad item must not stop the others
-            log.error("work item %s (%s) failed: %s", item.shard, item.unit, e)
+        except Exception as e:  # noqa: BLE001 - sorted below: deterministic errors stop the job
+            if _repeats(e):
+                for ref in inflight:
+                    ray.cancel(ref)
+                bar.close()
+                raise JobStopped(
+                    f"work item {item.shard} ({item.unit}) failed with an error that would repeat: {_first_line(e)}. "
+                    "Committed items are kept; fix the cause and rerun the same command."
+                ) from None
+            log.error("work item %s (%s) failed: %s", item.shard, item.unit, _first_line(e))
             stats.failed.append({"shard": item.shard, "unit": item.unit, "error": f"{type(e).__name__}: {e}"})
             bar.update(1)
             continue

@@ -31,6 +31,7 @@ import pickle
 import tarfile
 import unicodedata
 from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 import pyarrow.parquet as pq
@@ -47,6 +48,7 @@ MAX_INPUT_BYTES = 256 << 20  # one encoded image; far above any real photo, far 
 MAX_KEY_BYTES = 1024
 MAX_LABEL_BYTES = 32  # a WebDataset ``cls`` member: an integer in text
 INT32 = (-(2**31), 2**31 - 1)
+FOLDER_READS_IN_FLIGHT = 16  # GETs a task keeps open reading a remote folder (also bounded per process)
 
 
 class InputError(ValueError):
@@ -65,13 +67,41 @@ class WorkItem:
     files: tuple[str, ...] = field(default_factory=tuple)  # folder: relative paths
     labels: tuple[int, ...] = field(default_factory=tuple)  # folder: their labels (-1: none)
     unit: str = ""  # human-readable source name recorded in each row's ``source``
+    bytes: int = 0  # input bytes the item reads (folder: its files; tar: the file; parquet: the row group)
+    columns: tuple[str, str, str] = ("", "", "")  # parquet: the (image, label, key) columns read; "": none
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @staticmethod
     def from_dict(d: dict) -> "WorkItem":
-        return WorkItem(**{**d, "files": tuple(d.get("files", ())), "labels": tuple(d.get("labels", ()))})
+        tuples = {k: tuple(d.get(k, ())) for k in ("files", "labels")}
+        if "columns" in d:
+            tuples["columns"] = tuple(d["columns"])
+        return WorkItem(**{**d, **tuples})
+
+
+@dataclass(frozen=True)
+class Columns:
+    """Parquet columns named by the user (None: found by name, see ``*_COLUMNS``)."""
+
+    image: str | None = None
+    label: str | None = None
+    key: str | None = None
+
+    def resolve(self, names: list[str], where: str) -> tuple[str, str, str]:
+        """(image, label, key) column names of a file with columns ``names``; "" for an absent
+        optional one. A named column that is missing, or no image column at all, is an InputError."""
+        out = []
+        for what, given, candidates in (("image", self.image, IMAGE_COLUMNS), ("label", self.label, LABEL_COLUMNS),
+                                         ("key", self.key, KEY_COLUMNS)):
+            if given is not None and given not in names:
+                raise InputError(f"{where} has no column {given!r} (--{what}-column); it has {', '.join(names)}")
+            out.append(given if given is not None else (_pick(names, candidates) or ""))
+        if not out[0]:
+            raise InputError(f"{where} has no image column (looked for {', '.join(IMAGE_COLUMNS)}; it has "
+                             f"{', '.join(names)}); name it with --image-column")
+        return out[0], out[1], out[2]
 
 
 @dataclass
@@ -112,54 +142,80 @@ def _shard_name(index: int) -> str:
     return f"shard-{index:06d}"
 
 
-def plan(url: str, fmt: str, rows_per_shard: int, storage_options: Mapping | None = None) -> list[WorkItem]:
-    """Deterministic work items (sorted listing) for the dataset at ``url``."""
+def plan(
+    url: str, fmt: str, rows_per_shard: int, storage_options: Mapping | None = None, columns: Columns = Columns()
+) -> list[WorkItem]:
+    """Deterministic work items (sorted listing) for the dataset at ``url``; a Parquet input's
+    footers are read (concurrently) to split it by row group and to check its columns."""
     fs, root = filesystem(url, storage_options)
     single = call(fs, "isfile", root)
+    sizes = {root: call(fs, "size", root)} if single else {p: i["size"] for p, i in find(fs, root, detail=True).items()}
     if fmt == "folder":
-        files = sorted(p for p in find(fs, root) if p.rsplit(".", 1)[-1].lower() in IMAGE_EXTS)
+        files = sorted(p for p in sizes if p.rsplit(".", 1)[-1].lower() in IMAGE_EXTS)
         rel = [_rel(root, p) for p in files]
-        nested = [r for r in rel if "/" in r]
-        classes = sorted({r.split("/", 1)[0] for r in nested}) if len(nested) == len(rel) else []
-        index = {c: i for i, c in enumerate(classes)}
-        labels = [index[r.split("/", 1)[0]] if classes else -1 for r in rel]
+        labels = [-1] * len(rel)
+        classes = folder_classes(rel)
+        if classes:
+            index = {c: i for i, c in enumerate(classes)}
+            labels = [index[r.split("/", 1)[0]] for r in rel]
         return [
             WorkItem(
                 _shard_name(i), fmt, url, s, min(s + rows_per_shard, len(rel)),
                 tuple(rel[s : s + rows_per_shard]), tuple(labels[s : s + rows_per_shard]), unit=f"{url}#{s}",
+                bytes=sum(sizes[p] for p in files[s : s + rows_per_shard]),
             )
             for i, s in enumerate(range(0, len(rel), rows_per_shard))
         ]
     if fmt == "webdataset":
-        tars = [root] if single else sorted(p for p in find(fs, root) if p.endswith(".tar"))
+        tars = sorted(p for p in sizes if p.endswith(".tar"))
         base = root.rsplit("/", 1)[0] if single else root
         return [
-            WorkItem(_shard_name(i), fmt, _url(fs, t), unit=_rel(base, t)[: -len(".tar")]) for i, t in enumerate(tars)
+            WorkItem(_shard_name(i), fmt, _url(fs, t), unit=_rel(base, t)[: -len(".tar")], bytes=sizes[t])
+            for i, t in enumerate(tars)
         ]
     if fmt == "parquet":
-        files = [root] if single else sorted(p for p in find(fs, root) if p.endswith(".parquet"))
+        files = sorted(p for p in sizes if p.endswith(".parquet"))
         base = root.rsplit("/", 1)[0] if single else root
+
+        def footer(path: str) -> tuple[tuple[str, str, str], list[int]]:
+            with open_input(fs, path, block_bytes=1 << 20) as f:
+                try:
+                    pf = pq.ParquetFile(f)
+                except Exception as e:  # noqa: BLE001 - any unreadable footer is the input's fault
+                    if is_storage_fault(e):
+                        raise
+                    raise InputError(f"{_url(fs, path)} is not a readable Parquet file: {type(e).__name__}: {e}") from None
+                cols = columns.resolve(pf.schema_arrow.names, _url(fs, path))
+                return cols, [pf.metadata.row_group(g).total_byte_size for g in range(pf.num_row_groups)]
+
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            footers = list(pool.map(footer, files))
         items = []
-        for path in files:
-            with open_input(fs, path) as f:
-                pf = pq.ParquetFile(f)
-                groups = pf.num_row_groups
-                if _pick(pf.schema_arrow.names, IMAGE_COLUMNS) is None:
-                    raise InputError(f"{_url(fs, path)} has no image column (looked for {', '.join(IMAGE_COLUMNS)}; "
-                                     f"it has {', '.join(pf.schema_arrow.names)})")
+        for path, (cols, group_bytes) in zip(files, footers):
             stem = _rel(base, path)[: -len(".parquet")]
-            for g in range(groups):
-                items.append(WorkItem(_shard_name(len(items)), fmt, _url(fs, path), g, g + 1, unit=stem))
+            for g, nbytes in enumerate(group_bytes):
+                items.append(WorkItem(_shard_name(len(items)), fmt, _url(fs, path), g, g + 1, unit=stem,
+                                      bytes=nbytes, columns=cols))
         return items
     if fmt == "lmdb":
         if not _is_local(url):
-            raise ValueError("LMDB inputs must be on a local filesystem (LMDB maps its file into memory)")
+            raise InputError("LMDB inputs must be on a local filesystem (LMDB maps its file into memory)")
         total = _lmdb_count(root)
+        per_record = sum(sizes.values()) // max(1, total)
         return [
-            WorkItem(_shard_name(i), fmt, url, s, min(s + rows_per_shard, total), unit=f"lmdb#{s}")
+            WorkItem(_shard_name(i), fmt, url, s, min(s + rows_per_shard, total), unit=f"lmdb#{s}",
+                     bytes=per_record * (min(s + rows_per_shard, total) - s))
             for i, s in enumerate(range(0, total, rows_per_shard))
         ]
     raise ValueError(f"unknown input format {fmt!r}; choose from {', '.join(FORMATS)}")
+
+
+def folder_classes(rel: list[str]) -> list[str]:
+    """Class names of an ImageNet-style folder (sorted subfolder names: label i is ``classes[i]``),
+    or [] when some image lies directly under the root (then no image is labelled)."""
+    if not rel or any("/" not in r for r in rel):
+        return []
+    return sorted({r.split("/", 1)[0] for r in rel})
 
 
 def _is_local(url: str) -> bool:
@@ -215,27 +271,34 @@ def _printable(key: str, limit: int = 200) -> str:
 
 
 def _read_folder(item: WorkItem, storage_options) -> Iterator[RawSample]:
+    """The item's files in plan order. On an object store they are fetched many at a time (one GET
+    each, up to the process's request slots), so per-request latency is paid once per wave, not once
+    per image; a local disk is read in order."""
     fs, root = filesystem(item.url, storage_options)
     real_root = os.path.realpath(root) if is_local(fs) else None
-    for rel, label in zip(item.files, item.labels):
+
+    def load(rel: str, label: int) -> RawSample:
         key = rel.rsplit(".", 1)[0]
         path = join(root, rel)
         if real_root is not None:
             real = os.path.realpath(path)
             if os.path.commonpath([real_root, real]) != real_root:
-                yield RawSample(key, rel, error=("outside_root", f"{rel} resolves to a path outside the input folder"))
-                continue
+                return RawSample(key, rel, error=("outside_root", f"{rel} resolves to a path outside the input folder"))
         try:
             data = read_bytes(fs, path, MAX_INPUT_BYTES)
         except TooLarge as e:
-            yield RawSample(key, rel, error=("too_large", str(e)))
-            continue
+            return RawSample(key, rel, error=("too_large", str(e)))
         except OSError as e:
             if is_storage_fault(e):
                 raise  # the store's weather, not the input's fault: retried, never a rejection
-            yield RawSample(key, rel, error=("read_error", f"{type(e).__name__}: {e}"))
-            continue
-        yield RawSample(key, rel, None if label < 0 else label, data)
+            return RawSample(key, rel, error=("read_error", f"{type(e).__name__}: {e}"))
+        return RawSample(key, rel, None if label < 0 else label, data)
+
+    if is_local(fs):
+        yield from map(load, item.files, item.labels)
+        return
+    with ThreadPoolExecutor(max_workers=FOLDER_READS_IN_FLIGHT) as pool:
+        yield from pool.map(load, item.files, item.labels)
 
 
 def _read_tar(item: WorkItem, storage_options) -> Iterator[RawSample]:
@@ -309,11 +372,8 @@ def _read_parquet(item: WorkItem, storage_options) -> Iterator[RawSample]:
     fs, path = filesystem(item.url, storage_options)
     with open_input(fs, path) as f:
         pf = pq.ParquetFile(f)
-        names = pf.schema_arrow.names
-        image_col = _pick(names, IMAGE_COLUMNS)
-        if image_col is None:
-            raise ValueError(f"{item.url} has no image column (looked for {IMAGE_COLUMNS}; columns: {names})")
-        label_col, key_col = _pick(names, LABEL_COLUMNS), _pick(names, KEY_COLUMNS)
+        # Planned columns; a plan from before they were recorded finds them by name as planning did.
+        image_col, label_col, key_col = item.columns if item.columns[0] else Columns().resolve(pf.schema_arrow.names, item.url)
         cols = [c for c in (image_col, label_col, key_col) if c]
         table = pf.read_row_group(item.start, columns=cols)
         offset = sum(pf.metadata.row_group(g).num_rows for g in range(item.start))

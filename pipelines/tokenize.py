@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 from pipelines.images import DEFAULT_MAX_PIXELS, expand_variants
 from pipelines.manifest import (
@@ -29,7 +29,7 @@ from pipelines.manifest import (
 )
 from pipelines.ray_tokenize import RunStats, TokenizerSpec, run_items, start_workers
 from pipelines.shards import SHARD_FORMATS
-from pipelines.sources import WorkItem, detect_format, plan
+from pipelines.sources import Columns, WorkItem, detect_format, folder_classes, plan
 from pipelines.redact import redact_url
 from pipelines.retry import counting, summarize
 from pipelines.storage import exists, filesystem, join, read_json, remove, remove_stale_temporaries, write_json
@@ -53,24 +53,47 @@ class TokenizeOptions:
     max_pixels: int = DEFAULT_MAX_PIXELS
     storage_options: Mapping | None = None
     overwrite: bool = False
+    columns: Columns = field(default_factory=Columns)
 
 
-def _identity(opts: TokenizeOptions, info: dict, input_format: str) -> dict:
+def _settings(opts: TokenizeOptions, input_format: str) -> dict:
+    """The identity keys that come from the command line (the tokenizer adds the rest)."""
+    named = {k: v for k, v in asdict(opts.columns).items() if v is not None}
     return {
-        "fingerprint": info["fingerprint"],
         "variants": list(expand_variants(opts.variants)),
         "format": opts.format,
-        "tokens_per_image": info["tokens_per_image"],
         "input": redact_url(opts.input),
         "input_format": input_format,
         "rows_per_shard": opts.rows_per_shard,
+        "columns": named or None,
     }
 
 
-def _prepare_output(opts: TokenizeOptions, identity: dict) -> list[WorkItem]:
+def _identity(opts: TokenizeOptions, info: dict, input_format: str) -> dict:
+    return {"fingerprint": info["fingerprint"], "tokens_per_image": info["tokens_per_image"], **_settings(opts, input_format)}
+
+
+@dataclass
+class Plan:
+    items: list[WorkItem]
+    classes: list[str]  # a folder input's class names (label i is classes[i]); [] otherwise
+    stored: dict | None  # the plan file of an earlier run, when there is one
+
+
+def _load_or_plan(fs, root: str, opts: TokenizeOptions, input_format: str) -> Plan:
+    """The stored plan of an earlier run, or a new one (not stored here)."""
+    path = join(root, PLAN)
+    if exists(fs, path):
+        stored = read_json(fs, path)
+        return Plan([WorkItem.from_dict(d) for d in stored["items"]], stored.get("classes", []), stored)
+    items = plan(opts.input, input_format, opts.rows_per_shard, opts.storage_options, opts.columns)
+    classes = folder_classes([f for i in items for f in i.files]) if input_format == "folder" else []
+    return Plan(items, classes, None)
+
+
+def _prepare_output(opts: TokenizeOptions, identity: dict) -> Plan:
     """Check (or clear) an existing output and return the plan, creating it on the first run."""
     fs, root = filesystem(opts.output, opts.storage_options)
-    plan_path = join(root, PLAN)
     if opts.overwrite and exists(fs, root):
         log.warning("--overwrite: deleting %s", redact_url(opts.output))
         remove(fs, root)
@@ -82,14 +105,44 @@ def _prepare_output(opts: TokenizeOptions, identity: dict) -> list[WorkItem]:
     removed = remove_stale_temporaries(fs, root)
     if removed:
         log.info("removed %d temporary files left by an interrupted run", removed)
-    if exists(fs, plan_path):
-        items = [WorkItem.from_dict(d) for d in read_json(fs, plan_path)["items"]]
-        log.info("resuming: %d work items planned earlier", len(items))
-        return items
-    items = plan(opts.input, identity["input_format"], opts.rows_per_shard, opts.storage_options)
-    write_json(fs, plan_path, {"identity": identity, "items": [i.to_dict() for i in items]})
-    log.info("planned %d work items from %s (%s)", len(items), redact_url(opts.input), identity["input_format"])
-    return items
+    p = _load_or_plan(fs, root, opts, identity["input_format"])
+    if p.stored is not None:
+        log.info("resuming: %d work items planned earlier", len(p.items))
+        return p
+    write_json(fs, join(root, PLAN), {"identity": identity, "items": [i.to_dict() for i in p.items], "classes": p.classes})
+    log.info("planned %d work items from %s (%s)", len(p.items), redact_url(opts.input), identity["input_format"])
+    return p
+
+
+def dry_run(opts: TokenizeOptions) -> dict:
+    """What a run would do, without starting Ray or writing anything: the plan (an earlier run's, or
+    a new one), its inputs and bytes, and what a resume would skip."""
+    input_format = opts.input_format or detect_format(opts.input, opts.storage_options)
+    fs, root = filesystem(opts.output, opts.storage_options)
+    p = _load_or_plan(fs, root, opts, input_format)
+    commits = load_commits(fs, root) if p.stored is not None else {}
+    todo = [i for i in p.items if i.shard not in commits]
+    settings = _settings(opts, input_format)
+    stored = (p.stored or {}).get("identity", {})
+    if input_format == "folder":
+        inputs = sum(len(i.files) for i in p.items)
+    elif input_format == "lmdb":
+        inputs = sum(i.stop - i.start for i in p.items)
+    else:
+        inputs = len({i.url for i in p.items})
+    return {
+        "input": redact_url(opts.input),
+        "input_format": input_format,
+        "output": redact_url(opts.output),
+        "plan": "stored by an earlier run" if p.stored is not None else "new",
+        "settings_that_differ_from_the_stored_plan": sorted(k for k in settings if p.stored and stored.get(k) != settings[k]),
+        "inputs": inputs,
+        "input_bytes": sum(i.bytes for i in p.items),
+        "work_items": len(p.items),
+        "classes": len(p.classes),
+        "committed_items": len(p.items) - len(todo),
+        "to_do": {"work_items": len(todo), "input_bytes": sum(i.bytes for i in todo)},
+    }
 
 
 def run_tokenize(opts: TokenizeOptions) -> dict:
@@ -110,7 +163,8 @@ def run_tokenize(opts: TokenizeOptions) -> dict:
         try:
             info = ray.get(actors[0].info.remote())
             identity = _identity(opts, info, input_format)
-            items = _prepare_output(opts, identity)
+            planned = _prepare_output(opts, identity)
+            items = planned.items
             fs, root = filesystem(opts.output, opts.storage_options)
             commits = load_commits(fs, root)
             todo = [i for i in items if i.shard not in commits]
@@ -130,7 +184,7 @@ def run_tokenize(opts: TokenizeOptions) -> dict:
             record = read_commit(fs, root, failure["shard"])
             if record is not None:
                 commits[record["shard"]] = record
-        manifest = build_manifest(identity, info["config"], info["codebook_size"], commits, len(items))
+        manifest = build_manifest(identity, info["config"], info["codebook_size"], commits, len(items), planned.classes)
         write_manifest(fs, root, manifest)
     stats.io.update(driver_io)
     totals = manifest["totals"]
@@ -156,4 +210,4 @@ def run_tokenize(opts: TokenizeOptions) -> dict:
 
 
 
-__all__ = ["IncompatibleOutput", "TokenizeOptions", "TokenizerSpec", "run_tokenize"]
+__all__ = ["IncompatibleOutput", "TokenizeOptions", "TokenizerSpec", "dry_run", "run_tokenize"]
