@@ -231,3 +231,19 @@ def test_read_ahead_requests_are_bounded_per_process(token_set, proxy, tmp_path,
                       cache_dir=str(tmp_path / "c"))
     assert sorted(s["key"] for s in ds) == sorted(keys)
     assert 3 <= proxy.counts["max_in_flight"] <= 4
+
+
+def test_remote_folder_is_read_many_requests_at_a_time_in_plan_order(s3_bucket, proxy):
+    from pipelines.sources import plan, read_item
+
+    bucket, opts = s3_bucket
+    s3fs.S3FileSystem(skip_instance_cache=True, **opts).pipe(
+        {f"{bucket}/imgs/c{i % 2}/img{i:02d}.png": png_bytes(i) for i in range(24)})
+    flaky = _via(opts, proxy.endpoint)
+    [item] = plan(f"s3://{bucket}/imgs", "folder", 100, flaky)
+    proxy.set_rates(FaultRates(slow=1.0, slow_seconds=0.3, methods=("GET",), path_regex="/imgs/c"))
+    proxy.reset_counts()
+    samples = list(read_item(item, flaky))
+    assert [s.key for s in samples] == [f.rsplit(".", 1)[0] for f in item.files]  # plan order kept
+    assert [s.data for s in samples] == [png_bytes(int(f[-6:-4])) for f in item.files]
+    assert proxy.counts["max_in_flight"] >= 8  # not one GET after another

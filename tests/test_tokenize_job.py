@@ -219,3 +219,68 @@ def test_driver_killed_and_rerun_gives_the_uninterrupted_output(tmp_path):
     assert _manifest(out)["shards"] == _manifest(tmp_path / "ref")["shards"]
     rows = _parquet_rows(out)
     assert rows["key"].n_unique() == rows.height == 90
+
+
+def test_dry_run_plans_reports_and_writes_nothing(tmp_path):
+    write_folder(tmp_path / "in", classes=3, per_class=3)
+    size = sum(p.stat().st_size for p in (tmp_path / "in").rglob("*.png"))
+    out = tmp_path / "out"
+    report = _job(tmp_path / "in", out, rows_per_shard=4, dry_run=True)
+    assert not out.exists()
+    assert report == {
+        "input": str(tmp_path / "in"), "input_format": "folder", "output": str(out), "plan": "new",
+        "settings_that_differ_from_the_stored_plan": [], "inputs": 9, "input_bytes": size, "work_items": 3,
+        "classes": 3, "committed_items": 0, "to_do": {"work_items": 3, "input_bytes": size},
+    }
+    _job(tmp_path / "in", out, rows_per_shard=4)
+    again = _job(tmp_path / "in", out, rows_per_shard=4, variants="center,flip", dry_run=True)
+    assert again["plan"] == "stored by an earlier run" and again["committed_items"] == 3
+    assert again["to_do"] == {"work_items": 0, "input_bytes": 0}
+    assert again["settings_that_differ_from_the_stored_plan"] == ["variants"]
+    assert _manifest(out)["classes"] == ["class0", "class1", "class2"]
+
+
+def test_named_parquet_columns(tmp_path, capsys):
+    import pyarrow as pa
+
+    from jobs.tokenize import main
+
+    (tmp_path / "in").mkdir()
+    table = pa.table({"pixels": [png_bytes(i) for i in range(3)], "y": [7, 8, 9], "name": ["a", "b", "c"]})
+    pq.write_table(table, tmp_path / "in" / "part.parquet")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--input", str(tmp_path / "in"), "--output", str(tmp_path / "o1")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "has no image column" in err[-1] and "--image-column" in err[-1] and "Traceback" not in "\n".join(err)
+    with pytest.raises(SystemExit, match="2"):
+        main(["--input", str(tmp_path / "in"), "--output", str(tmp_path / "o2"), "--image-column", "pixels",
+              "--label-column", "nope"])
+    assert "no column 'nope' (--label-column)" in capsys.readouterr().err
+    summary = _job(tmp_path / "in", tmp_path / "o3", image_column="pixels", label_column="y", key_column="name")
+    assert summary["images"] == 3
+    rows = _parquet_rows(tmp_path / "o3")
+    assert rows["key"].to_list() == ["part/a", "part/b", "part/c"] and rows["label"].to_list() == [7, 8, 9]
+    assert _manifest(tmp_path / "o3")["columns"] == {"image": "pixels", "key": "name", "label": "y"}
+
+
+def test_an_error_that_would_repeat_stops_the_job_with_one_line(tmp_path, capsys, caplog):
+    import pyarrow as pa
+
+    from jobs.tokenize import main
+
+    (tmp_path / "in").mkdir()
+    table = pa.table({"image": [png_bytes(i, size=(200, 200)) for i in range(6)]})
+    pq.write_table(table, tmp_path / "in" / "a.parquet", row_group_size=3, compression="zstd")
+    raw = bytearray((tmp_path / "in" / "a.parquet").read_bytes())
+    raw[4:200] = bytes(196)  # the first page header of the first row group; the footer is intact
+    (tmp_path / "in" / "a.parquet").write_bytes(bytes(raw))
+    start = time.time()
+    with caplog.at_level("WARNING"), pytest.raises(SystemExit) as exit_info:
+        main(["--input", str(tmp_path / "in"), "--output", str(tmp_path / "out")])
+    assert exit_info.value.code == 2 and time.time() - start < 30
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert "shard-000000" in err.strip().splitlines()[-1] and "would repeat" in err.strip().splitlines()[-1]
+    assert "RANDOM WEIGHTS" in caplog.text  # no --tokenizer: said loudly
+    assert not (tmp_path / "out" / "manifest.json").exists()
