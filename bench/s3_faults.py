@@ -1,10 +1,12 @@
 """The tokenization job on S3 in fair and foul weather, measured side by side in one run.
 
-A local S3 server (moto, 127.0.0.1) holds a folder of photo-sized JPEGs. The same job (``tiny``
-config, S3 to S3) runs twice: straight to the server, then through the fault-injecting proxy
-(``infra/s3_fault_proxy.py``) at the rates given. Printed: images/s of each, their ratio, requests
-per image, the retries the job counted by kind and the faults the proxy injected, and whether the
-two outputs are identical shard for shard (they must be).
+A local S3 server (moto, 127.0.0.1) holds a folder of photo-sized JPEGs, and a local folder the
+same files. The same job (``tiny`` config) runs four times: local disk to local disk; S3 to S3
+straight to the server; through the fault-injecting proxy (``infra/s3_fault_proxy.py``) at the
+rates given; and through the proxy adding ``--latency-ms`` to every request (the round trip of a
+real object store). Printed: images/s of each and their ratios, requests per image, the retries the
+job counted by kind against the faults the proxy injected, and whether all outputs are identical
+shard for shard (they must be).
 
 Run: ``python -m bench.s3_faults`` (about a minute on 2 cores).
 """
@@ -37,6 +39,7 @@ class BenchConfig:
     reset: float = field(default=0.02, metadata={"help": "rate of connections dropped after forwarding"})
     truncate: float = field(default=0.01, metadata={"help": "rate of bodies cut in half"})
     seed: int = field(default=0, metadata={"help": "the proxy's fault seed"})
+    latency_ms: float = field(default=20.0, metadata={"help": "delay added to every request in the latency run"})
 
 
 def _free_port() -> int:
@@ -67,28 +70,39 @@ def main(argv=None) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
             write_jpegs(Path(tmp) / "in", cfg.images)
             s3fs.S3FileSystem(skip_instance_cache=True, **direct).put(f"{tmp}/in", "bench/in", recursive=True)
-        rates = FaultRates(slowdown=cfg.slowdown, reset=cfg.reset, truncate=cfg.truncate)
-        with FaultProxy(endpoint, rates, seed=cfg.seed) as proxy, ray_session():
-            flaky = {**direct, "client_kwargs": {**direct["client_kwargs"], "endpoint_url": proxy.endpoint}}
-            summaries = {}
-            for name, opts in (("clean", direct), ("faults", flaky)):
-                summaries[name] = run(TokenizeConfig(input="s3://bench/in", output=f"s3://bench/out-{name}",
-                                                     rows_per_shard=cfg.rows_per_shard, storage_options=json.dumps(opts)))
-            injected = proxy.counts
-        fs = s3fs.S3FileSystem(skip_instance_cache=True, **direct)
-        manifests = {n: json.loads(fs.cat_file(f"bench/out-{n}/manifest.json")) for n in summaries}
+            faults = FaultRates(slowdown=cfg.slowdown, reset=cfg.reset, truncate=cfg.truncate)
+            latency = FaultRates(slow=1.0, slow_seconds=cfg.latency_ms / 1000)
+            with FaultProxy(endpoint, faults, seed=cfg.seed) as flaky, FaultProxy(endpoint, latency) as slow, ray_session():
+                def via(proxy):
+                    return {**direct, "client_kwargs": {**direct["client_kwargs"], "endpoint_url": proxy.endpoint}}
+
+                runs = {"local": (f"{tmp}/in", f"{tmp}/out", {}), "clean": ("s3://bench/in", "s3://bench/out-clean", direct),
+                        "faults": ("s3://bench/in", "s3://bench/out-faults", via(flaky)),
+                        "latency": ("s3://bench/in", "s3://bench/out-latency", via(slow))}
+                # A first run starts Ray's worker processes; it is not measured.
+                run(TokenizeConfig(input=f"{tmp}/in", output=f"{tmp}/warm-up", rows_per_shard=cfg.rows_per_shard))
+                summaries = {
+                    name: run(TokenizeConfig(input=src, output=dst, rows_per_shard=cfg.rows_per_shard,
+                                             storage_options=json.dumps(opts)))
+                    for name, (src, dst, opts) in runs.items()
+                }
+                injected = flaky.counts
+            fs = s3fs.S3FileSystem(skip_instance_cache=True, **direct)
+            shards = {n: json.loads(fs.cat_file(f"bench/out-{n}/manifest.json"))["shards"] for n in ("clean", "faults", "latency")}
+            shards["local"] = json.loads((Path(tmp) / "out" / "manifest.json").read_text())["shards"]
     finally:
         server.stop()
-    clean, faults = (summaries[n]["this_run"] for n in ("clean", "faults"))
+    speed = {n: summaries[n]["this_run"]["images_per_s"] for n in summaries}
+    storage = summaries["faults"]["this_run"]["storage"]
     result = {
         "images": cfg.images,
-        "clean_images_per_s": clean["images_per_s"],
-        "faults_images_per_s": faults["images_per_s"],
-        "ratio_faults_vs_clean": round(faults["images_per_s"] / clean["images_per_s"], 3),
-        "requests_per_image": round(faults["storage"]["requests"] / cfg.images, 2),
-        "retries_counted": faults["storage"]["retries_by_kind"],
+        "images_per_s": speed,
+        "ratio_faults_vs_clean": round(speed["faults"] / speed["clean"], 3),
+        f"ratio_s3_with_{cfg.latency_ms:g}ms_latency_vs_local_disk": round(speed["latency"] / speed["local"], 3),
+        "requests_per_image": round(storage["requests"] / cfg.images, 2),
+        "retries_counted": storage["retries_by_kind"],
         "faults_injected": {k: v for k, v in injected.items() if v and k != "max_in_flight"},
-        "identical_outputs": manifests["clean"]["shards"] == manifests["faults"]["shards"],
+        "identical_outputs": all(shards[n] == shards["local"] for n in shards),
     }
     print(json.dumps(result, indent=1))
     return result

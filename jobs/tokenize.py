@@ -50,6 +50,7 @@ class TokenizeConfig:
     image_column: str | None = field(default=None, metadata={"help": "Parquet input: the image column (default: found by name)"})
     label_column: str | None = field(default=None, metadata={"help": "Parquet input: the label column (default: found by name)"})
     key_column: str | None = field(default=None, metadata={"help": "Parquet input: the key column (default: found by name)"})
+    max_bytes_in_flight: int = field(default=4 << 30, metadata={"help": "input bytes of the work items in flight at once"})
     dry_run: bool = field(default=False, metadata={"help": "plan, print what a run would do (and skip), and exit; starts nothing"})
 
 
@@ -65,6 +66,7 @@ def to_options(cfg: TokenizeConfig, cluster_gpus: float, input_format: str) -> T
         batch_size=cfg.batch_size, workers=workers, gpus_per_worker=gpus, threads=cfg.threads,
         rows_per_shard=cfg.rows_per_shard, max_pixels=cfg.max_pixels, storage_options=storage,
         overwrite=cfg.overwrite, columns=Columns(cfg.image_column, cfg.label_column, cfg.key_column),
+        max_bytes_in_flight=cfg.max_bytes_in_flight,
     )
 
 

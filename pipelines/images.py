@@ -92,28 +92,52 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
         raise Rejected("corrupt", f"cannot convert {img.mode} image: {type(e).__name__}: {e}") from None
 
 
-def _five_crop(arr: np.ndarray, size: int) -> list[np.ndarray]:
-    """torchvision's five_crop order: top-left, top-right, bottom-left, bottom-right, centre."""
-    h, w = arr.shape[:2]
-    top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
-    return [
-        arr[:size, :size],
-        arr[:size, w - size :],
-        arr[h - size :, :size],
-        arr[h - size :, w - size :],
-        arr[top : top + size, left : left + size],
-    ]
+def tencrop_size(size: int) -> int:
+    return int(size * TENCROP_SCALE)
+
+
+def _five_crop_corners(big: int, size: int) -> list[tuple[int, int]]:
+    """(top, left) of torchvision's five_crop on a square of side ``big``: top-left, top-right,
+    bottom-left, bottom-right, centre."""
+    mid = int(round((big - size) / 2.0))
+    far = big - size
+    return [(0, 0), (0, far), (far, 0), (far, far), (mid, mid)]
+
+
+def variant_windows(size: int, variants: tuple[str, ...]) -> list[tuple[str, bool, int, int]]:
+    """How each variant is cut from a *source* crop: (source, mirrored first, top, left).
+
+    Sources are ``center`` (the ADM centre crop at ``size``) and ``tencrop`` (the centre crop at
+    1.1x). Every variant is a window of a source, possibly mirrored, so only the sources need to
+    travel from the CPU workers to the tokenizer, which cuts the variants on its device.
+    """
+    corners = _five_crop_corners(tencrop_size(size), size)
+    table = {"center": ("center", False, 0, 0), "flip": ("center", True, 0, 0)}
+    table.update({f"tencrop{i}": ("tencrop", i >= 5, *corners[i % 5]) for i in range(10)})
+    return [table[v] for v in variants]
+
+
+def source_crops(img: Image.Image, size: int, variants: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """The uint8 (H, W, 3) source crops that ``variants`` are cut from (see :func:`variant_windows`)."""
+    needed = {source for source, *_ in variant_windows(size, variants)}
+    sides = {"center": size, "tencrop": tencrop_size(size)}
+    return {name: np.asarray(center_crop(img, sides[name])) for name in sorted(needed)}
+
+
+def cut_variants(sources: dict, size: int, variants: tuple[str, ...], mirror) -> list:
+    """Variants of a batch of sources (each (N, H, W, 3)), in the order of ``variants``.
+    ``mirror`` flips (N, H, W, 3) left-right: a NumPy view, or ``torch.flip`` on a device."""
+    mirrored: dict = {}
+    out = []
+    for source, flipped, top, left in variant_windows(size, variants):
+        arr = sources[source]
+        if flipped:
+            arr = mirrored.setdefault(source, mirror(arr))
+        out.append(arr[:, top : top + size, left : left + size])
+    return out
 
 
 def make_variants(img: Image.Image, size: int, variants: tuple[str, ...]) -> np.ndarray:
     """uint8 (V, size, size, 3) crops of an RGB image, in the order of ``variants``."""
-    out: dict[str, np.ndarray] = {}
-    if "center" in variants or "flip" in variants:
-        center = np.asarray(center_crop(img, size))
-        out["center"] = center
-        out["flip"] = center[:, ::-1]
-    if any(v.startswith("tencrop") for v in variants):
-        big = np.asarray(center_crop(img, int(size * TENCROP_SCALE)))
-        crops = _five_crop(big, size) + _five_crop(big[:, ::-1], size)
-        out.update({f"tencrop{i}": c for i, c in enumerate(crops)})
-    return np.stack([np.ascontiguousarray(out[v]) for v in variants])
+    sources = {k: v[None] for k, v in source_crops(img, size, variants).items()}
+    return np.ascontiguousarray(np.stack(cut_variants(sources, size, variants, lambda a: a[:, :, ::-1]), axis=1)[0])

@@ -16,6 +16,7 @@ job (:class:`JobStopped`), never retried; a rerun of the command finishes what i
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import time
@@ -25,7 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pipelines.images import Rejected, decode_image, make_variants
+from pipelines.images import Rejected, cut_variants, decode_image, source_crops
 from pipelines.manifest import commit_shard
 from pipelines.retry import StorageUnavailable, counting, is_storage_fault
 from pipelines.shards import ShardRows
@@ -68,15 +69,18 @@ class Prepared:
 
 
 def prepare(item: WorkItem, variants: tuple[str, ...], size: int, max_pixels: int, storage_options) -> tuple:
-    """Read, decode and crop one work item -> (crops uint8 (N, V, S, S, 3), Prepared)."""
+    """Read, decode and crop one work item -> (source crops {name: uint8 (N, H, W, 3)}, Prepared).
+
+    Only the source crops travel to the tokenizer (one per image for centre and flip, the 1.1x crop
+    for ten-crop): the variants are windows of them, cut on the tokenizer's device."""
     meta = Prepared([], [], [], [], [])
-    crops = []
+    crops: list[dict[str, np.ndarray]] = []
     with counting() as meta.io:
         for sample in read_item(item, storage_options):
             reason, error = sample.error or (None, None)
             if reason is None:
                 try:
-                    crops.append(make_variants(decode_image(sample.data, max_pixels), size, variants))
+                    crops.append(source_crops(decode_image(sample.data, max_pixels), size, variants))
                 except Rejected as e:
                     reason, error = e.reason, str(e)
             if reason is not None:
@@ -86,12 +90,13 @@ def prepare(item: WorkItem, variants: tuple[str, ...], size: int, max_pixels: in
             meta.labels.append(sample.label)
             meta.sources.append(sample.source)
             meta.digests.append(sha256(sample.data))
-    empty = np.zeros((0, len(variants), size, size, 3), np.uint8)
-    return (np.stack(crops) if crops else empty), meta
+    names = sorted({n for c in crops for n in c}) if crops else []
+    return {n: np.stack([c[n] for c in crops]) for n in names}, meta
 
 
 class TokenizerWorker:
-    """Holds one tokenizer; turns crops (N, V, S, S, 3) into tokens (N, V, T) uint16 in batches."""
+    """Holds one tokenizer; turns source crops into tokens (N, V, T) uint16, cutting the variants
+    and normalising on its device, a batch at a time."""
 
     def __init__(self, spec: TokenizerSpec, batch_size: int, threads: int):
         import torch
@@ -114,15 +119,21 @@ class TokenizerWorker:
             "pid": os.getpid(),
         }
 
-    def encode(self, crops: np.ndarray) -> np.ndarray:
-        from vfmtok_core.preprocess import to_tensor
+    def encode(self, sources: dict[str, np.ndarray], variants: tuple[str, ...]) -> np.ndarray:
+        import torch
 
-        n, v = crops.shape[:2]
-        flat = crops.reshape(n * v, *crops.shape[2:])
-        out = np.empty((n * v, self.tok.config.tokens_per_image), np.uint16)
-        for s in range(0, n * v, self.batch_size):
-            out[s : s + self.batch_size] = self.tok.encode(to_tensor(flat[s : s + self.batch_size])).cpu().numpy()
-        return out.reshape(n, v, -1)
+        from vfmtok_core.preprocess import normalize
+
+        size, t = self.tok.config.image_size, self.tok.config.tokens_per_image
+        n = len(next(iter(sources.values()))) if sources else 0
+        out = np.empty((n, len(variants), t), np.uint16)
+        step = max(1, self.batch_size // len(variants))  # images per forward: about batch_size crops
+        for s in range(0, n, step):
+            batch = {k: torch.from_numpy(v[s : s + step]).to(self.device) for k, v in sources.items()}
+            crops = torch.stack(cut_variants(batch, size, variants, lambda x: x.flip(2)), dim=1)  # (b, V, S, S, 3)
+            codes = self.tok.encode(normalize(crops.flatten(0, 1)))
+            out[s : s + step] = codes.view(-1, len(variants), t).cpu().numpy()
+        return out
 
 
 def commit(item: WorkItem, meta: Prepared, tokens: np.ndarray, output: str, fmt: str, variants, storage_options) -> tuple:
@@ -199,35 +210,56 @@ def run_items(
     variants: tuple[str, ...],
     max_pixels: int,
     storage_options: Mapping | None,
+    max_decoding: int,
+    max_bytes_in_flight: int,
 ) -> RunStats:
-    """Process ``items`` with ``actors``; returns counts (failed items are listed, not raised)."""
+    """Process ``items`` with ``actors``; returns counts (items failed by the store's weather are
+    listed; an error that would repeat raises :class:`JobStopped`).
+
+    Admission is by stage: an item enters while fewer than ``max_decoding`` items are being read,
+    decoded and cropped (sized by the cluster's CPUs, so every CPU stays busy however many
+    tokenizers there are) and the input bytes of all items in flight, decoded ones waiting for a
+    tokenizer included, stay within ``max_bytes_in_flight`` (so the object store cannot fill up);
+    one item is always admitted. Dispatch: each item goes to the tokenizer with the fewest items
+    outstanding, so a slow or restarting actor does not hold a queue of work the others could do.
+    """
     import ray
     from tqdm import tqdm
 
     so = dict(storage_options or {})
-    workers = len(actors)
     # Only an outage that outlasted the per-request retries reruns a task; other errors repeat.
     retry = dict(max_retries=3, retry_exceptions=[StorageUnavailable])
     prepare_task = ray.remote(prepare).options(num_returns=2, num_cpus=1, **retry)
     commit_task = ray.remote(commit).options(num_cpus=0.25, **retry)
 
     stats = RunStats()
-    window = 2 * workers + 2
-    queue = list(items)
-    inflight: dict = {}
+    queue = collections.deque(items)
+    inflight: dict = {}  # commit ref -> (item, actor index)
+    decoding: set = set()  # crop refs of items still being read and decoded
+    outstanding = [0] * len(actors)
+    bytes_in_flight = 0
     start = time.perf_counter()
     bar = tqdm(total=len(items), desc="tokenize", unit="shard", dynamic_ncols=True)
-    submitted = 0
     while queue or inflight:
-        while queue and len(inflight) < window:
-            item = queue.pop(0)
+        while queue and (not inflight or (
+            len(decoding) < max_decoding and bytes_in_flight + queue[0].bytes <= max_bytes_in_flight
+        )):
+            item = queue.popleft()
             crops, meta = prepare_task.remote(item, variants, image_size, max_pixels, so)
-            tokens = actors[submitted % len(actors)].encode.remote(crops)
+            target = min(range(len(actors)), key=outstanding.__getitem__)
+            tokens = actors[target].encode.remote(crops, variants)
             ref = commit_task.remote(item, meta, tokens, output, fmt, variants, so)
-            inflight[ref] = item
-            submitted += 1
-        done, _ = ray.wait(list(inflight), num_returns=1)
-        item = inflight.pop(done[0])
+            inflight[ref] = (item, target)
+            decoding.add(crops)
+            outstanding[target] += 1
+            bytes_in_flight += item.bytes
+        done, _ = ray.wait([*decoding, *inflight], num_returns=1)
+        if done[0] in decoding:  # decoded: its CPU is free for the next item
+            decoding.discard(done[0])
+            continue
+        item, target = inflight.pop(done[0])
+        outstanding[target] -= 1
+        bytes_in_flight -= item.bytes
         try:
             record, io = ray.get(done[0])
         except Exception as e:  # noqa: BLE001 - sorted below: deterministic errors stop the job

@@ -54,6 +54,7 @@ class TokenizeOptions:
     storage_options: Mapping | None = None
     overwrite: bool = False
     columns: Columns = field(default_factory=Columns)
+    max_bytes_in_flight: int = 4 << 30  # input bytes of the work items in flight (see run_items)
 
 
 def _settings(opts: TokenizeOptions, input_format: str) -> dict:
@@ -174,6 +175,9 @@ def run_tokenize(opts: TokenizeOptions) -> dict:
                 stats = run_items(
                     todo, actors=actors, image_size=info["image_size"], output=opts.output, fmt=opts.format,
                     variants=variants, max_pixels=opts.max_pixels, storage_options=opts.storage_options,
+                    # One decoding per CPU and one more queued behind each, so none waits for the driver.
+                    max_decoding=2 * cpus,
+                    max_bytes_in_flight=opts.max_bytes_in_flight,
                 )
         finally:
             for actor in actors:

@@ -153,6 +153,10 @@ def test_variants():
     big = np.asarray(center_crop(img, 35))
     np.testing.assert_array_equal(crops[2], big[:32, :32])  # top-left
     np.testing.assert_array_equal(crops[7], big[:, ::-1][:32, :32])  # top-left of the mirrored image
+    corners = [(0, 0), (0, 3), (3, 0), (3, 3), (2, 2)]  # torchvision's five_crop of 32 in 35 (centre rounds up)
+    for i, (top, left) in enumerate(corners):
+        np.testing.assert_array_equal(crops[2 + i], big[top : top + 32, left : left + 32])
+        np.testing.assert_array_equal(crops[7 + i], big[:, ::-1][top : top + 32, left : left + 32])
     np.testing.assert_array_equal(make_variants(img, 32, ("flip", "center"))[1], crops[0])
     with pytest.raises(ValueError, match="unknown variant"):
         expand_variants(["sideways"])

@@ -284,3 +284,21 @@ def test_an_error_that_would_repeat_stops_the_job_with_one_line(tmp_path, capsys
     assert "shard-000000" in err.strip().splitlines()[-1] and "would repeat" in err.strip().splitlines()[-1]
     assert "RANDOM WEIGHTS" in caplog.text  # no --tokenizer: said loudly
     assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_tencrop_cut_on_the_tokenizer_equals_encoding_the_crops(tmp_path):
+    """Only source crops cross the object store; variants are cut where they are encoded. The tokens
+    must equal encoding the CPU-cut crops, whatever the batch size, sharding and bytes in flight."""
+    write_folder(tmp_path / "in", classes=1, per_class=3)
+    _job(tmp_path / "in", tmp_path / "a", variants="center,tencrop", batch_size=5)
+    _job(tmp_path / "in", tmp_path / "b", variants="center,tencrop", batch_size=64, rows_per_shard=1,
+         max_bytes_in_flight=1)  # one item at a time
+    _job(tmp_path / "in", tmp_path / "c", variants="center,tencrop", batch_size=64)
+    assert _manifest(tmp_path / "a")["shards"] == _manifest(tmp_path / "c")["shards"]
+    assert _parquet_rows(tmp_path / "b").equals(_parquet_rows(tmp_path / "a"))
+    tok = VFMTokenizer.from_config("tiny", seed=0)
+    names = tuple(_manifest(tmp_path / "a")["variants"])
+    assert len(names) == 11
+    for key, tokens in zip(*_parquet_rows(tmp_path / "a").select("key", "tokens").get_columns()):
+        crops = make_variants(decode_image((tmp_path / "in" / f"{key}.png").read_bytes()), 112, names)
+        np.testing.assert_array_equal(np.asarray(tokens), tok.encode(to_tensor(crops)).numpy().reshape(-1))

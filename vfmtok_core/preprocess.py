@@ -31,7 +31,13 @@ def to_tensor(images: np.ndarray | Image.Image | list) -> torch.Tensor:
         arr = arr[None]
     if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] != 3:
         raise ValueError(f"expected uint8 RGB images (B, H, W, 3), got {arr.dtype} {arr.shape}")
-    return torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return normalize(torch.from_numpy(arr))
+
+
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, H, W, 3) on any device -> float32 (B, 3, H, W) in [-1, 1], the same bits as
+    :func:`to_tensor` (elementwise IEEE arithmetic), so crops can be normalised where they are encoded."""
+    return images.permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
