@@ -168,7 +168,7 @@ def _many_tars(root: Path, n_tars: int = 16, per_tar: int = 3) -> None:
 
 
 def test_worker_killed_mid_job_still_exactly_once(tmp_path, ray_cluster):
-    _many_tars(tmp_path / "in", n_tars=24)
+    _many_tars(tmp_path / "in", n_tars=24, per_tar=40)  # long enough for the kill to land mid-job
     reference = tmp_path / "ref"
     _job(tmp_path / "in", reference)
 
@@ -182,13 +182,14 @@ def test_worker_killed_mid_job_still_exactly_once(tmp_path, ray_cluster):
         time.sleep(0.01)
     actor = ray_cluster.get_actor("vfmtok-tokenizer-0")
     pid = ray_cluster.get(actor.info.remote())["pid"]
+    assert job.is_alive() and len(list(commits.iterdir())) < 24, "the job should still be running"
     os.kill(pid, signal.SIGKILL)
-    restarted = ray_cluster.get(actor.info.remote(), timeout=60)["pid"]
     job.join(timeout=120)
-    assert restarted != pid
-    assert result["complete"] and result["images"] == 72
+    # The only tokenizer process died mid-job; that the job still finished means Ray restarted it
+    # and retried its calls.
+    assert result["complete"] and result["images"] == 960
     rows = _parquet_rows(out)
-    assert rows["key"].n_unique() == rows.height == 72
+    assert rows["key"].n_unique() == rows.height == 960
     assert _manifest(out)["shards"] == _manifest(reference)["shards"]
 
 
