@@ -54,8 +54,7 @@ class TokenizeConfig:
     dry_run: bool = field(default=False, metadata={"help": "plan, print what a run would do (and skip), and exit; starts nothing"})
 
 
-def to_options(cfg: TokenizeConfig, cluster_gpus: float, input_format: str) -> TokenizeOptions:
-    storage = storage_options(cfg.storage_options)
+def to_options(cfg: TokenizeConfig, cluster_gpus: float, input_format: str, storage: dict) -> TokenizeOptions:
     gpus = cfg.gpus_per_worker if cfg.gpus_per_worker >= 0 else (1.0 if cluster_gpus else 0.0)
     workers = cfg.workers or (max(1, int(cluster_gpus / gpus)) if gpus else 1)
     spec = TokenizerSpec(cfg.config, cfg.tokenizer, cfg.dinov2, cfg.seed, cfg.precision, storage)
@@ -70,18 +69,20 @@ def to_options(cfg: TokenizeConfig, cluster_gpus: float, input_format: str) -> T
     )
 
 
-def check(cfg: TokenizeConfig) -> str:
+def check(cfg: TokenizeConfig) -> tuple[str, dict]:
     """Find the user mistakes that show before Ray starts (seconds, and log lines, saved): missing
-    flags, bad storage options, an input that is not there. Returns the input's format."""
+    flags, bad storage options, an input that is not there. Returns the input's format and the
+    parsed storage options."""
     if not cfg.input or not cfg.output:
         raise UsageError("--input and --output are required")
-    return cfg.input_format or detect_format(cfg.input, storage_options(cfg.storage_options))
+    storage = storage_options(cfg.storage_options)
+    return cfg.input_format or detect_format(cfg.input, storage), storage
 
 
 def run(cfg: TokenizeConfig) -> dict:
-    input_format = check(cfg)
+    input_format, storage = check(cfg)
     if cfg.dry_run:
-        return dry_run(to_options(cfg, 0.0, input_format))
+        return dry_run(to_options(cfg, 0.0, input_format, storage))
     if not cfg.tokenizer:
         log.warning(
             "RANDOM WEIGHTS: no --tokenizer was given, so config %r runs with seed-%d random weights. "
@@ -89,7 +90,7 @@ def run(cfg: TokenizeConfig) -> dict:
             cfg.config, cfg.seed,
         )
     with ray_session() as ray:
-        opts = to_options(cfg, ray.cluster_resources().get("GPU", 0.0), input_format)
+        opts = to_options(cfg, ray.cluster_resources().get("GPU", 0.0), input_format, storage)
         summary = run_tokenize(opts)
     summary["random_weights"] = not cfg.tokenizer
     this = summary["this_run"]

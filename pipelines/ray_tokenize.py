@@ -90,8 +90,7 @@ def prepare(item: WorkItem, variants: tuple[str, ...], size: int, max_pixels: in
             meta.labels.append(sample.label)
             meta.sources.append(sample.source)
             meta.digests.append(sha256(sample.data))
-    names = sorted({n for c in crops for n in c}) if crops else []
-    return {n: np.stack([c[n] for c in crops]) for n in names}, meta
+    return {n: np.stack([c[n] for c in crops]) for n in (crops[0] if crops else ())}, meta
 
 
 class TokenizerWorker:

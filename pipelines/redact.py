@@ -70,7 +70,7 @@ def remember(options) -> None:
     if values:
         with _lock:
             _known.update(values)
-        _install_filter()
+        install_log_filter()
 
 
 def mask_known(text: str) -> str:
@@ -100,16 +100,10 @@ class SecretFilter(logging.Filter):
 _filter = SecretFilter()
 
 
-def _install_filter() -> None:
-    """On the root logger's handlers (a filter on a logger does not see its children's records)."""
-    root = logging.getLogger()
-    for handler in root.handlers:
+def install_log_filter() -> None:
+    """Put the filter on the root logger's handlers: every record that is written passes one of them
+    (a filter on a logger would not see its children's records). Called by each job once logging is
+    configured, and again whenever a secret is remembered, so later handlers are covered too."""
+    for handler in logging.getLogger().handlers:
         if _filter not in handler.filters:
             handler.addFilter(_filter)
-    if _filter not in root.filters:
-        root.addFilter(_filter)
-
-
-def install_log_filter() -> None:
-    """Called by each job after logging is configured, so handlers added later are covered too."""
-    _install_filter()

@@ -158,11 +158,7 @@ def summarize(counts: Counter) -> dict:
     }
 
 
-def _max_in_flight() -> int:
-    return int(os.environ.get("VFMTOK_IO_MAX_IN_FLIGHT", "16"))
-
-
-_SLOTS = threading.BoundedSemaphore(_max_in_flight())
+_SLOTS = threading.BoundedSemaphore(int(os.environ.get("VFMTOK_IO_MAX_IN_FLIGHT", "16")))
 _rng = random.Random()
 
 

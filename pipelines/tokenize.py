@@ -98,16 +98,14 @@ def _prepare_output(opts: TokenizeOptions, identity: dict) -> Plan:
     if opts.overwrite and exists(fs, root):
         log.warning("--overwrite: deleting %s", redact_url(opts.output))
         remove(fs, root)
-    for name in (MANIFEST, PLAN):
-        path = join(root, name)
-        if exists(fs, path):
-            existing = read_json(fs, path)
-            check_compatible(existing.get("identity", existing), identity, opts.output)
+    if exists(fs, join(root, MANIFEST)):
+        check_compatible(read_json(fs, join(root, MANIFEST)), identity, opts.output)
     removed = remove_stale_temporaries(fs, root)
     if removed:
         log.info("removed %d temporary files left by an interrupted run", removed)
-    p = _load_or_plan(fs, root, opts, identity["input_format"])
+    p = _load_or_plan(fs, root, opts, identity["input_format"])  # the stored plan is read once
     if p.stored is not None:
+        check_compatible(p.stored["identity"], identity, opts.output)
         log.info("resuming: %d work items planned earlier", len(p.items))
         return p
     write_json(fs, join(root, PLAN), {"identity": identity, "items": [i.to_dict() for i in p.items], "classes": p.classes})
