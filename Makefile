@@ -15,7 +15,7 @@ $(VENV)/.ready-bench: pyproject.toml tools/bootstrap.sh
 	touch $@ $(VENV)/.ready-test
 
 demo: $(VENV)/.ready-test  ## photos -> WebDataset -> Ray tokenization (tiny) -> Parquet -> summary -> GPT-tiny training -> samples
-	$(PY) -m pipelines.samples out/demo/photos
+	$(PY) -m pipelines.producer.samples out/demo/photos
 	$(PY) -m jobs.tokenize --input out/demo/photos --output out/demo/tokens --variants center,flip --config tiny
 	$(PY) -m jobs.inspect out/demo/tokens --plot out/demo/usage.png
 	rm -rf out/demo/gpt

@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 
 from jobs.cli import parse_config, setup_logging
-from pipelines.manifest import write_dataset
-from pipelines.shards import ShardRows
-from pipelines.streaming import TokenDataset, TokenLoader
+from pipelines.contract.manifest import write_dataset
+from pipelines.contract.shards import ShardRows
+from pipelines.consumer.streaming import TokenDataset, TokenLoader
 from vfmtok_core.gpt import GPT
 
 log = logging.getLogger("bench.loader")

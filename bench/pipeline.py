@@ -24,9 +24,9 @@ import torch
 from PIL import Image
 
 from jobs.cli import parse_config, setup_logging
-from pipelines.images import decode_image, make_variants
+from pipelines.producer.images import decode_image, make_variants
 from pipelines.ray_runtime import ray_session
-from pipelines.tokenize import TokenizeOptions, TokenizerSpec, run_tokenize
+from pipelines.producer.tokenize import TokenizeOptions, TokenizerSpec, run_tokenize
 from vfmtok_core import VFMTokenizer
 from vfmtok_core.preprocess import to_tensor
 
@@ -44,7 +44,7 @@ class BenchConfig:
 
 def write_jpegs(root: Path, n: int, seed: int = 0) -> list[Path]:
     """Photo-sized JPEGs made from the bundled photos (random crops and scales, so each differs)."""
-    from pipelines.samples import bundled_photos
+    from pipelines.producer.samples import bundled_photos
 
     rng = np.random.default_rng(seed)
     photos = [np.asarray(img) for _, img in bundled_photos()]
@@ -91,7 +91,7 @@ def ray_cluster_cpus() -> float:
 def worst_case_bytes_per_image(rows: int = 1024) -> float:
     """Bytes per row of a full shard whose tokens are uniformly random over a 16384-entry codebook:
     the most any VFMTok-size tokenizer can need (real code distributions are skewed and compress more)."""
-    from pipelines.shards import ShardRows, parquet_bytes
+    from pipelines.contract.shards import ShardRows, parquet_bytes
 
     rng = np.random.default_rng(0)
     shard = ShardRows(

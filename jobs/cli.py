@@ -15,7 +15,7 @@ import typing
 from collections.abc import Sequence
 from typing import NoReturn, TypeVar
 
-from pipelines.redact import install_log_filter, redact
+from pipelines.contract.redact import install_log_filter, redact
 
 T = TypeVar("T")
 

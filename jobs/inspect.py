@@ -10,7 +10,7 @@ import json
 import logging
 
 from jobs.cli import UsageError, fail, setup_logging, storage_options
-from pipelines.inspect import load_tokens, plot_usage, summarize, usage_histogram
+from pipelines.contract.inspect import load_tokens, plot_usage, summarize, usage_histogram
 
 log = logging.getLogger("jobs.inspect")
 

@@ -20,7 +20,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from jobs.cli import parse_config, setup_logging
-from pipelines.samples import bundled_photos
+from pipelines.producer.samples import bundled_photos
 from vfmtok_core import CONFIGS, VFMTokenizer
 from vfmtok_core.preprocess import center_crop, to_tensor, to_uint8
 

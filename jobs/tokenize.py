@@ -13,13 +13,13 @@ import sys
 from dataclasses import dataclass, field
 
 from jobs.cli import UsageError, fail, parse_config, setup_logging, storage_options
-from pipelines.images import DEFAULT_MAX_PIXELS, VARIANT_SETS
-from pipelines.manifest import IncompatibleOutput
+from pipelines.producer.images import DEFAULT_MAX_PIXELS, VARIANT_SETS
+from pipelines.contract.manifest import IncompatibleOutput
 from pipelines.ray_runtime import ray_session
-from pipelines.shards import SHARD_FORMATS
-from pipelines.ray_tokenize import JobStopped
-from pipelines.sources import FORMATS, Columns, InputError, detect_format
-from pipelines.tokenize import TokenizeOptions, TokenizerSpec, dry_run, run_tokenize
+from pipelines.contract.shards import SHARD_FORMATS
+from pipelines.producer.ray_tokenize import JobStopped
+from pipelines.producer.sources import FORMATS, Columns, InputError, detect_format
+from pipelines.producer.tokenize import TokenizeOptions, TokenizerSpec, dry_run, run_tokenize
 from vfmtok_core import CONFIGS
 
 log = logging.getLogger("jobs.tokenize")

@@ -23,10 +23,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from jobs.cli import UsageError, fail, parse_config, setup_logging, storage_options
-from pipelines.checkpoints import LATEST, load_latest, save_checkpoint
-from pipelines.redact import redact, redact_url
-from pipelines.storage import filesystem, is_local, join, read_json
-from pipelines.streaming import TokenDataset, TokenLoader
+from pipelines.consumer.checkpoints import LATEST, load_latest, save_checkpoint
+from pipelines.contract.redact import redact, redact_url
+from pipelines.contract.storage import filesystem, is_local, join, read_json
+from pipelines.consumer.streaming import TokenDataset, TokenLoader
 from vfmtok_core.gpt import GPT, GPT_CONFIGS
 from vfmtok_core.training import EMA, adamw
 

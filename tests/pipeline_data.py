@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipelines.manifest import write_dataset
-from pipelines.shards import ShardRows
+from pipelines.contract.manifest import write_dataset
+from pipelines.contract.shards import ShardRows
 
 
 def png_bytes(seed: int, size=(60, 40), mode="RGB") -> bytes:

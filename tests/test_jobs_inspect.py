@@ -10,9 +10,9 @@ import pytest
 from PIL import Image
 
 from jobs.inspect import main
-from pipelines.manifest import build_manifest, commit_shard, write_manifest
-from pipelines.shards import ShardRows
-from pipelines.storage import filesystem
+from pipelines.contract.manifest import build_manifest, commit_shard, write_manifest
+from pipelines.contract.shards import ShardRows
+from pipelines.contract.storage import filesystem
 
 
 def _dataset(root: Path, fmt: str) -> None:

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from jobs.reconstruct import ReconstructConfig, run
-from pipelines.samples import bundled_photos
+from pipelines.producer.samples import bundled_photos
 from vfmtok_core import VFMTokenizer
 from vfmtok_core.preprocess import center_crop, to_tensor
 

@@ -21,7 +21,7 @@ import s3fs
 from infra.s3_fault_proxy import FaultProxy, FaultRates
 from jobs.tokenize import TokenizeConfig, run
 from pipelines.ray_runtime import ray_session
-from pipelines.storage import exists, filesystem, find, read_json, write_json
+from pipelines.contract.storage import exists, filesystem, find, read_json, write_json
 from tests.pipeline_data import make_token_dataset, png_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -149,9 +149,9 @@ def test_commit_record_only_after_the_shard_is_verifiably_stored(s3_bucket, prox
     """A body damaged on the way is caught by the ETag check (with botocore's default request
     checksums and with them off, as S3-compatible stores without CRC support need), retried, and
     after the last attempt the item stays uncommitted."""
-    from pipelines.manifest import commit_path, commit_shard
-    from pipelines.retry import StorageUnavailable, counting
-    from pipelines.shards import ShardRows
+    from pipelines.contract.manifest import commit_path, commit_shard
+    from pipelines.contract.retry import StorageUnavailable, counting
+    from pipelines.contract.shards import ShardRows
     import hashlib
     import numpy as np
 
@@ -186,7 +186,7 @@ def token_set(s3_bucket, tmp_path):
 
 
 def test_trainer_epoch_through_a_faulty_store_sees_every_sample_once(token_set, proxy, tmp_path):
-    from pipelines.streaming import TokenDataset
+    from pipelines.consumer.streaming import TokenDataset
 
     url, opts, keys = token_set
     proxy.set_rates(FAULTS)
@@ -221,8 +221,8 @@ def test_training_with_checkpoints_through_a_faulty_store(token_set, proxy, tmp_
 def test_read_ahead_requests_are_bounded_per_process(token_set, proxy, tmp_path, monkeypatch):
     import threading
 
-    from pipelines import retry
-    from pipelines.streaming import TokenDataset
+    from pipelines.contract import retry
+    from pipelines.consumer.streaming import TokenDataset
 
     url, opts, keys = token_set
     monkeypatch.setattr(retry, "_SLOTS", threading.BoundedSemaphore(4))
@@ -234,7 +234,7 @@ def test_read_ahead_requests_are_bounded_per_process(token_set, proxy, tmp_path,
 
 
 def test_remote_folder_is_read_many_requests_at_a_time_in_plan_order(s3_bucket, proxy):
-    from pipelines.sources import plan, read_item
+    from pipelines.producer.sources import plan, read_item
 
     bucket, opts = s3_bucket
     s3fs.S3FileSystem(skip_instance_cache=True, **opts).pipe(

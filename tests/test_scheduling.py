@@ -21,7 +21,7 @@ import json, logging, sys, threading, time
 from pipelines.ray_runtime import ray_session
 import ray
 from ray.util.state import list_tasks
-from pipelines.tokenize import TokenizeOptions, run_tokenize
+from pipelines.producer.tokenize import TokenizeOptions, run_tokenize
 
 # The state API is served by the dashboard (on 127.0.0.1).
 ray.init(num_cpus=16, num_gpus=2, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False,

@@ -20,9 +20,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines import sources
-from pipelines.sources import WorkItem, plan, read_item
-from pipelines.storage import TooLarge, filesystem, read_json
+from pipelines.producer import sources
+from pipelines.producer.sources import WorkItem, plan, read_item
+from pipelines.contract.storage import TooLarge, filesystem, read_json
 from tests.pipeline_data import make_token_dataset, png_bytes, write_folder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -118,7 +118,7 @@ def test_oversized_or_malformed_metadata_is_refused(tmp_path):
     with pytest.raises(ValueError, match="deep.json is not valid JSON"):
         read_json(fs, f"{root}/deep.json")
     # A commit record is a few hundred bytes: a huge one is not ours and is refused.
-    from pipelines.manifest import load_commits
+    from pipelines.contract.manifest import load_commits
 
     make_token_dataset(tmp_path / "ds", shards=2, rows=3)
     (tmp_path / "ds" / "_state" / "commits" / "shard-000001.json").write_text(json.dumps({"pad": "x" * (1 << 20)}))
@@ -127,7 +127,7 @@ def test_oversized_or_malformed_metadata_is_refused(tmp_path):
 
 
 def test_latest_pointer_cannot_name_a_file_outside_the_run(tmp_path):
-    from pipelines.checkpoints import load_latest
+    from pipelines.consumer.checkpoints import load_latest
 
     (tmp_path / "latest.json").write_text(json.dumps({"step": 1, "path": "../../elsewhere.pt"}))
     with pytest.raises(ValueError, match="not a checkpoint of this folder"):
@@ -196,7 +196,7 @@ def test_trainer_keeps_credentials_out_of_checkpoints_metrics_and_logs(s3_bucket
     blobs = _objects(fs, f"{bucket}/run")
     assert sum(p.endswith(".pt") for p in blobs) == 2
     _assert_clean({**blobs, "metrics": (tmp_path / "metrics.jsonl").read_bytes(), "log": caplog.text.encode()})
-    from pipelines.checkpoints import load_latest
+    from pipelines.consumer.checkpoints import load_latest
 
     config = load_latest(f"s3://{bucket}/run", opts)["config"]
     assert config["storage_options"]["secret"] == "***" and config["data"] == f"s3://{bucket}/tokens"
@@ -205,7 +205,7 @@ def test_trainer_keeps_credentials_out_of_checkpoints_metrics_and_logs(s3_bucket
 def test_log_lines_mask_remembered_secrets(caplog):
     import logging
 
-    from pipelines.redact import redact, remember
+    from pipelines.contract.redact import redact, remember
 
     remember({"client_kwargs": {"aws_secret_access_key": SECRET}})
     with caplog.at_level("INFO"):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.streaming import DatasetMismatch, ShardError, TokenDataset, TokenLoader
+from pipelines.consumer.streaming import DatasetMismatch, ShardError, TokenDataset, TokenLoader
 from tests.pipeline_data import make_token_dataset as make_dataset
 
 

@@ -22,8 +22,8 @@ import pytest
 import torch
 
 from jobs.tokenize import TokenizeConfig, run
-from pipelines.images import decode_image, make_variants
-from pipelines.manifest import IncompatibleOutput
+from pipelines.producer.images import decode_image, make_variants
+from pipelines.contract.manifest import IncompatibleOutput
 from pipelines.ray_runtime import ray_session
 from tests.pipeline_data import bomb_bytes, jpeg_bytes, png_bytes, write_folder, write_tar
 from vfmtok_core import VFMTokenizer

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from jobs.train_gpt import TrainConfig, train
-from pipelines.streaming import DatasetMismatch
+from pipelines.consumer.streaming import DatasetMismatch
 from tests.pipeline_data import make_token_dataset
 from tests.processes import descendants
 
@@ -75,7 +75,7 @@ def test_data_and_checkpoints_on_s3(tmp_path, data, s3_bucket):
     train(TrainConfig(max_steps=4, resume=True, **cfg, **FAST))
     latest = json.loads(fs.cat_file(f"{bucket}/run/latest.json"))
     assert latest["step"] == 4 and fs.exists(f"{bucket}/run/step-00000002.pt")
-    from pipelines.checkpoints import load_latest
+    from pipelines.consumer.checkpoints import load_latest
 
     state = load_latest(f"s3://{bucket}/run", opts)
     assert state["data"]["consumed"] == 32 and isinstance(state["model"]["norm.weight"], torch.Tensor)

@@ -9,9 +9,9 @@ from collections.abc import Mapping
 import numpy as np
 import polars as pl
 
-from pipelines.manifest import MANIFEST
-from pipelines.shards import decode_shard
-from pipelines.storage import exists, filesystem, join, read_bytes, read_json
+from pipelines.contract.manifest import MANIFEST
+from pipelines.contract.shards import decode_shard
+from pipelines.contract.storage import exists, filesystem, join, read_bytes, read_json
 
 
 def load_manifest(url: str, storage_options: Mapping | None = None) -> dict:

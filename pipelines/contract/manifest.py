@@ -7,7 +7,7 @@
     <output>/_state/commits/shard-NNNNNN.json  written last: the item's commit record
 
 A shard counts only once its commit record exists, and the record is written after the shard and
-its rejects are verifiably in place (see :func:`pipelines.storage.atomic_write`), so a crash or a
+its rejects are verifiably in place (see :func:`pipelines.contract.storage.atomic_write`), so a crash or a
 store fault at any point leaves either a committed item or one that is redone.
 """
 
@@ -18,8 +18,8 @@ from collections import Counter
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 
-from pipelines.shards import FORMAT_VERSION, ShardRows, parquet_bytes, rejects_bytes, webdataset_bytes
-from pipelines.storage import atomic_write, exists, filesystem, find, join, read_json, write_json
+from pipelines.contract.shards import FORMAT_VERSION, ShardRows, parquet_bytes, rejects_bytes, webdataset_bytes
+from pipelines.contract.storage import atomic_write, exists, filesystem, find, join, read_json, write_json
 
 MANIFEST = "manifest.json"
 PLAN = "_state/plan.json"

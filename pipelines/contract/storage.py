@@ -4,7 +4,7 @@
   what made a resumed S3 job fail: a commit record written after the first listing of its folder
   was "not found" by the same filesystem object later. Nothing here lists a folder twice on a hot
   path, so the cache bought nothing.
-- **Retried**: every request goes through :func:`pipelines.retry.retrying` (bounded, backoff with
+- **Retried**: every request goes through :func:`pipelines.contract.retry.retrying` (bounded, backoff with
   jitter, counted); s3fs's and botocore's own silent retries are switched off so that each attempt
   is seen and counted once.
 - **Verified writes**: a write returns only once the object is in place whole. Locally: a temporary
@@ -28,8 +28,8 @@ from collections.abc import Mapping
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from pipelines.redact import remember
-from pipelines.retry import TransientError, retrying
+from pipelines.contract.redact import remember
+from pipelines.contract.retry import TransientError, retrying
 
 TMP_PREFIX = ".tmp-"
 MAX_JSON_BYTES = 1 << 30  # a plan of tens of millions of items still fits; anything larger is refused

@@ -32,10 +32,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipelines.manifest import MANIFEST
-from pipelines.shards import decode_shard
-from pipelines.retry import TransientError, retrying
-from pipelines.storage import exists, filesystem, is_local, join, read_bytes, read_json
+from pipelines.contract.manifest import MANIFEST
+from pipelines.contract.shards import decode_shard
+from pipelines.contract.retry import TransientError, retrying
+from pipelines.contract.storage import exists, filesystem, is_local, join, read_bytes, read_json
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ class ShardCache:
 
     A download lands in the cache only when its sha256 matches the manifest (a body cut short or
     damaged on the way is fetched again, a bounded number of times), and the requests of all
-    read-ahead threads share the process's request slots (see :func:`pipelines.retry.retrying`).
+    read-ahead threads share the process's request slots (see :func:`pipelines.contract.retry.retrying`).
     """
 
     def __init__(

@@ -16,8 +16,8 @@ from collections import Counter
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 
-from pipelines.images import DEFAULT_MAX_PIXELS, expand_variants
-from pipelines.manifest import (
+from pipelines.producer.images import DEFAULT_MAX_PIXELS, expand_variants
+from pipelines.contract.manifest import (
     MANIFEST,
     PLAN,
     IncompatibleOutput,
@@ -27,12 +27,12 @@ from pipelines.manifest import (
     read_commit,
     write_manifest,
 )
-from pipelines.ray_tokenize import RunStats, TokenizerSpec, run_items, start_workers
-from pipelines.shards import SHARD_FORMATS
-from pipelines.sources import Columns, WorkItem, detect_format, folder_classes, plan
-from pipelines.redact import redact_url
-from pipelines.retry import counting, summarize
-from pipelines.storage import exists, filesystem, join, read_json, remove, remove_stale_temporaries, write_json
+from pipelines.producer.ray_tokenize import RunStats, TokenizerSpec, run_items, start_workers
+from pipelines.contract.shards import SHARD_FORMATS
+from pipelines.producer.sources import Columns, WorkItem, detect_format, folder_classes, plan
+from pipelines.contract.redact import redact_url
+from pipelines.contract.retry import counting, summarize
+from pipelines.contract.storage import exists, filesystem, join, read_json, remove, remove_stale_temporaries, write_json
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 
 import torch
 
-from pipelines.storage import atomic_write, exists, filesystem, join, read_bytes, read_json, write_json
+from pipelines.contract.storage import atomic_write, exists, filesystem, join, read_bytes, read_json, write_json
 
 LATEST = "latest.json"
 

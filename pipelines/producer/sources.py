@@ -36,8 +36,8 @@ from dataclasses import asdict, dataclass, field
 
 import pyarrow.parquet as pq
 
-from pipelines.retry import is_storage_fault
-from pipelines.storage import TooLarge, call, filesystem, find, is_local, join, open_input, read_bytes
+from pipelines.contract.retry import is_storage_fault
+from pipelines.contract.storage import TooLarge, call, filesystem, find, is_local, join, open_input, read_bytes
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif", "ppm", "pgm", "jfif")
 FORMATS = ("folder", "webdataset", "parquet", "lmdb")

@@ -2,7 +2,7 @@
 count of every retry so that a run can say how rough the weather was.
 
 Why our own layer rather than s3fs's and botocore's: theirs retry silently (nothing to count or
-report), cover different error sets, and stack (5 x 5 attempts). :func:`pipelines.storage.filesystem`
+report), cover different error sets, and stack (5 x 5 attempts). :func:`pipelines.contract.storage.filesystem`
 turns theirs off for object stores, so each request is attempted here, once per attempt.
 
 Only errors that can pass are retried: throttling (503 SlowDown), server errors (500, 502, 504),

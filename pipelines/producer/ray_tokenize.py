@@ -8,7 +8,7 @@ The driver keeps a bounded window of items in flight (backpressure), so memory s
 large the dataset. Exactly-once output follows from determinism plus the commit protocol: an item
 always becomes the same shard bytes under the same name, and only a written commit record makes it
 count. Actor deaths are retried by Ray (the actors restart and rerun the call). Storage faults are
-retried request by request (:mod:`pipelines.retry`); only when the store stays unavailable through
+retried request by request (:mod:`pipelines.contract.retry`); only when the store stays unavailable through
 every attempt does Ray rerun the whole task (a few times), and if it still fails the item is reported
 and the others go on. Any other exception raised in a task would repeat, so the first one stops the
 job (:class:`JobStopped`), never retried; a rerun of the command finishes what is left.
@@ -26,12 +26,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pipelines.images import Rejected, cut_variants, decode_image, source_crops
-from pipelines.manifest import commit_shard
-from pipelines.retry import StorageUnavailable, counting, is_storage_fault
-from pipelines.shards import ShardRows
-from pipelines.sources import WorkItem, read_item, sha256
-from pipelines.storage import filesystem
+from pipelines.producer.images import Rejected, cut_variants, decode_image, source_crops
+from pipelines.contract.manifest import commit_shard
+from pipelines.contract.retry import StorageUnavailable, counting, is_storage_fault
+from pipelines.contract.shards import ShardRows
+from pipelines.producer.sources import WorkItem, read_item, sha256
+from pipelines.contract.storage import filesystem
 
 log = logging.getLogger(__name__)
 

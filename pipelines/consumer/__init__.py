@@ -1,0 +1,1 @@
+"""The consumer: token shards streamed into training, and the trainer's checkpoints."""

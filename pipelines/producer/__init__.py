@@ -1,0 +1,1 @@
+"""The producer: image datasets in, token shards out (sources, decoding, the Ray tokenization run)."""
