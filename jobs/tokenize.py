@@ -14,10 +14,11 @@ from dataclasses import dataclass, field
 
 from jobs.cli import UsageError, fail, parse_config, setup_logging, storage_options
 from pipelines.producer.images import DEFAULT_MAX_PIXELS, VARIANT_SETS
+from pipelines.producer.precision import PRECISIONS
 from pipelines.contract.manifest import IncompatibleOutput
 from pipelines.ray_runtime import ray_session
 from pipelines.contract.shards import SHARD_FORMATS
-from pipelines.producer.ray_tokenize import JobStopped
+from pipelines.producer.ray_tokenize import CHUNK_BYTES, JobStopped
 from pipelines.producer.sources import FORMATS, Columns, InputError, detect_format
 from pipelines.producer.tokenize import TokenizeOptions, TokenizerSpec, dry_run, run_tokenize
 from vfmtok_core import CONFIGS
@@ -44,14 +45,16 @@ class TokenizeConfig:
     threads: int = field(default=0, metadata={"help": "torch threads per actor (0: cores / workers)"})
     rows_per_shard: int = field(default=1024, metadata={"help": "images per shard for folder/LMDB inputs"})
     max_pixels: int = field(default=DEFAULT_MAX_PIXELS, metadata={"help": "reject larger images (bomb guard)"})
-    precision: str = field(default="fp32", metadata={"help": "tokenizer precision", "choices": ["fp32", "bf16"]})
+    precision: str = field(default="auto", metadata={"help": "tokenizer precision (auto: bf16 on CUDA, fp32 on CPU; tf32: fp32 with TF32 matmuls and convolutions on CUDA)", "choices": list(PRECISIONS)})
     storage_options: str = field(default="{}", metadata={"help": "fsspec options as JSON, or @FILE holding JSON (keeps keys off the command line)"})
     overwrite: bool = field(default=False, metadata={"help": "delete an incompatible existing output"})
     image_column: str | None = field(default=None, metadata={"help": "Parquet input: the image column (default: found by name)"})
     label_column: str | None = field(default=None, metadata={"help": "Parquet input: the label column (default: found by name)"})
     key_column: str | None = field(default=None, metadata={"help": "Parquet input: the key column (default: found by name)"})
     max_bytes_in_flight: int = field(default=4 << 30, metadata={"help": "input bytes of the work items in flight at once"})
+    chunk_bytes: int = field(default=CHUNK_BYTES, metadata={"help": "decoded crop bytes per tokenizer call (a work item is sent in chunks of this size)"})
     dry_run: bool = field(default=False, metadata={"help": "plan, print what a run would do (and skip), and exit; starts nothing"})
+    extend: bool = field(default=False, metadata={"help": "list the input again and add what appeared since the stored plan as new work items (vanished or changed inputs are reported)"})
 
 
 def to_options(cfg: TokenizeConfig, cluster_gpus: float, input_format: str, storage: dict) -> TokenizeOptions:
@@ -65,7 +68,7 @@ def to_options(cfg: TokenizeConfig, cluster_gpus: float, input_format: str, stor
         batch_size=cfg.batch_size, workers=workers, gpus_per_worker=gpus, threads=cfg.threads,
         rows_per_shard=cfg.rows_per_shard, max_pixels=cfg.max_pixels, storage_options=storage,
         overwrite=cfg.overwrite, columns=Columns(cfg.image_column, cfg.label_column, cfg.key_column),
-        max_bytes_in_flight=cfg.max_bytes_in_flight,
+        max_bytes_in_flight=cfg.max_bytes_in_flight, chunk_bytes=cfg.chunk_bytes, extend=cfg.extend,
     )
 
 

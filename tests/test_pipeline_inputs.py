@@ -12,7 +12,8 @@ import pytest
 from PIL import Image
 
 from pipelines.producer.images import Rejected, decode_image, expand_variants, make_variants
-from pipelines.producer.sources import detect_format, plan, read_item
+from pipelines.producer.planning import plan
+from pipelines.producer.sources import detect_format, read_item
 from tests.pipeline_data import (
     Exploit, bomb_bytes, jpeg_bytes, lmdb_record, png_bytes, write_folder, write_lmdb, write_tar,
 )

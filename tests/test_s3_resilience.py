@@ -234,7 +234,8 @@ def test_read_ahead_requests_are_bounded_per_process(token_set, proxy, tmp_path,
 
 
 def test_remote_folder_is_read_many_requests_at_a_time_in_plan_order(s3_bucket, proxy):
-    from pipelines.producer.sources import plan, read_item
+    from pipelines.producer.planning import plan
+    from pipelines.producer.sources import read_item
 
     bucket, opts = s3_bucket
     s3fs.S3FileSystem(skip_instance_cache=True, **opts).pipe(

@@ -21,7 +21,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines.producer import sources
-from pipelines.producer.sources import WorkItem, plan, read_item
+from pipelines.producer.planning import plan
+from pipelines.producer.sources import WorkItem, read_item
 from pipelines.contract.storage import TooLarge, filesystem, read_json
 from tests.pipeline_data import make_token_dataset, png_bytes, write_folder
 

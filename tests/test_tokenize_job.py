@@ -295,7 +295,8 @@ def test_tencrop_cut_on_the_tokenizer_equals_encoding_the_crops(tmp_path):
     _job(tmp_path / "in", tmp_path / "b", variants="center,tencrop", batch_size=64, rows_per_shard=1,
          max_bytes_in_flight=1)  # one item at a time
     _job(tmp_path / "in", tmp_path / "c", variants="center,tencrop", batch_size=64)
-    assert _manifest(tmp_path / "a")["shards"] == _manifest(tmp_path / "c")["shards"]
+    _job(tmp_path / "in", tmp_path / "d", variants="center,tencrop", batch_size=64, chunk_bytes=1)  # a chunk per image
+    assert _manifest(tmp_path / "a")["shards"] == _manifest(tmp_path / "c")["shards"] == _manifest(tmp_path / "d")["shards"]
     assert _parquet_rows(tmp_path / "b").equals(_parquet_rows(tmp_path / "a"))
     tok = VFMTokenizer.from_config("tiny", seed=0)
     names = tuple(_manifest(tmp_path / "a")["variants"])
@@ -303,3 +304,39 @@ def test_tencrop_cut_on_the_tokenizer_equals_encoding_the_crops(tmp_path):
     for key, tokens in zip(*_parquet_rows(tmp_path / "a").select("key", "tokens").get_columns()):
         crops = make_variants(decode_image((tmp_path / "in" / f"{key}.png").read_bytes()), 112, names)
         np.testing.assert_array_equal(np.asarray(tokens), tok.encode(to_tensor(crops)).numpy().reshape(-1))
+
+
+def test_extend_adds_new_inputs_after_the_committed_ones(tmp_path):
+    write_folder(tmp_path / "in", classes=2, per_class=3)
+    out = tmp_path / "out"
+    _job(tmp_path / "in", out, rows_per_shard=4)
+    before = _manifest(out)
+    (tmp_path / "in" / "class2").mkdir()
+    for i in range(2):
+        (tmp_path / "in" / "class2" / f"new{i}.png").write_bytes(png_bytes(500 + i))
+    (tmp_path / "in" / "class0" / "img0.png").unlink()
+    # A plain rerun resumes the stored plan: the new files are not picked up silently.
+    assert _job(tmp_path / "in", out, rows_per_shard=4)["this_run"]["images"] == 0
+    summary = _job(tmp_path / "in", out, rows_per_shard=4, extend=True)
+    assert summary["extend"]["new_inputs"] == 2 and summary["extend"]["new_classes"] == ["class2"]
+    assert summary["extend"]["vanished_examples"] == ["class0/img0.png"]
+    assert summary["this_run"]["images"] == 2 and summary["complete"]
+    after = _manifest(out)
+    assert after["shards"][: len(before["shards"])] == before["shards"]  # committed shards untouched
+    assert [s["shard"] for s in after["shards"]] == ["shard-000000", "shard-000001", "shard-000002"]
+    assert after["classes"] == ["class0", "class1", "class2"]
+    rows = _parquet_rows(out)
+    assert rows["key"].to_list()[-2:] == ["class2/new0", "class2/new1"] and rows["label"].to_list()[-2:] == [2, 2]
+
+
+def test_a_tar_sent_in_chunks_gives_the_same_shard_and_rejects(tmp_path):
+    """A work item is decoded and encoded in bounded chunks: the shard and the rejects (in order)
+    must not depend on where the chunks end."""
+    samples = [(f"k{i:02d}", {"png": png_bytes(i)} if i % 4 else {"png": b"not an image"}) for i in range(10)]
+    write_tar(tmp_path / "in" / "part.tar", samples)
+    whole = _job(tmp_path / "in", tmp_path / "whole", variants="center,flip")
+    chunked = _job(tmp_path / "in", tmp_path / "chunked", variants="center,flip", chunk_bytes=2 * 112 * 112 * 3)
+    assert whole["images"] == chunked["images"] == 7 and chunked["rejects_by_reason"] == {"not_an_image": 3}
+    assert _manifest(tmp_path / "whole")["shards"] == _manifest(tmp_path / "chunked")["shards"]
+    rejects = pq.read_table(tmp_path / "chunked" / "rejects" / "shard-000000.parquet").column("key").to_pylist()
+    assert rejects == ["part/k00", "part/k04", "part/k08"]

@@ -3,7 +3,7 @@
     <output>/manifest.json               what a reader trusts: committed shards, checksums, totals
     <output>/shards/shard-NNNNNN.parquet  (or .tar) one per work item
     <output>/rejects/shard-NNNNNN.parquet rejected inputs of that work item
-    <output>/_state/plan.json             the work items and the settings they were planned with
+    <output>/_state/plan.parquet          the work items, and the settings they were planned with
     <output>/_state/commits/shard-NNNNNN.json  written last: the item's commit record
 
 A shard counts only once its commit record exists, and the record is written after the shard and
@@ -22,7 +22,7 @@ from pipelines.contract.shards import FORMAT_VERSION, ShardRows, parquet_bytes, 
 from pipelines.contract.storage import atomic_write, exists, filesystem, find, join, read_json, write_json
 
 MANIFEST = "manifest.json"
-PLAN = "_state/plan.json"
+PLAN = "_state/plan.parquet"
 COMMITS = "_state/commits"
 # Settings that change the tokens or the layout: a rerun must match them to reuse the output.
 COMMIT_RECORD_BYTES = 1 << 20  # a record is a few hundred bytes; a larger one is not ours

@@ -206,12 +206,13 @@ class RemoteReader(io.RawIOBase):
         return data
 
 
-def open_input(fs: fsspec.AbstractFileSystem, path: str, block_bytes: int = 8 << 20):
+def open_input(fs: fsspec.AbstractFileSystem, path: str, block_bytes: int = 8 << 20, size: int | None = None):
     """A buffered binary reader for an input file (local: the file itself; remote: a
-    :class:`RemoteReader` of ``block_bytes`` blocks)."""
+    :class:`RemoteReader` of ``block_bytes`` blocks; ``size``, when the caller knows it, saves a
+    request)."""
     if is_local(fs):
         return open(path, "rb")
-    size = call(fs, "size", path)
+    size = call(fs, "size", path) if size is None else size
     return io.BufferedReader(RemoteReader(fs, path, size), buffer_size=block_bytes)
 
 

@@ -2,7 +2,7 @@
 
 Each work item flows through three steps chained by object references:
 
-    prepare (CPU task)  ->  encode (tokenizer actor, GPU or CPU)  ->  commit (CPU task)
+    prepare (CPU task, streams chunks)  ->  encode per chunk (tokenizer actor, GPU or CPU)  ->  commit (CPU task)
 
 The driver keeps a bounded window of items in flight (backpressure), so memory stays flat however
 large the dataset. Exactly-once output follows from determinism plus the commit protocol: an item
@@ -16,46 +16,23 @@ job (:class:`JobStopped`), never retried; a rerun of the command finishes what i
 
 from __future__ import annotations
 
-import collections
 import logging
-import os
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from pipelines.producer.images import Rejected, cut_variants, decode_image, source_crops
+from pipelines.producer.images import Rejected, decode_image, source_crops
 from pipelines.contract.manifest import commit_shard
 from pipelines.contract.retry import StorageUnavailable, counting, is_storage_fault
 from pipelines.contract.shards import ShardRows
 from pipelines.producer.sources import WorkItem, read_item, sha256
+from pipelines.producer.worker import TokenizerSpec, TokenizerWorker
 from pipelines.contract.storage import filesystem
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class TokenizerSpec:
-    """How each actor builds its tokenizer (checkpoints or a seeded random config)."""
-
-    config: str = "tiny"
-    tokenizer: str | None = None
-    dinov2: str | None = None
-    seed: int = 0
-    precision: str = "fp32"
-    storage_options: dict = field(default_factory=dict)
-
-    def build(self, device: str):
-        from vfmtok_core import VFMTokenizer
-
-        if self.tokenizer:
-            return VFMTokenizer.from_pretrained(
-                tokenizer=self.tokenizer, dinov2=self.dinov2, config=self.config, device=device,
-                precision=self.precision, storage_options=self.storage_options,
-            )
-        return VFMTokenizer.from_config(self.config, seed=self.seed, device=device, precision=self.precision)
 
 
 @dataclass
@@ -68,19 +45,31 @@ class Prepared:
     io: Counter = field(default_factory=Counter)  # requests and retries made reading the item
 
 
-def prepare(item: WorkItem, variants: tuple[str, ...], size: int, max_pixels: int, storage_options) -> tuple:
-    """Read, decode and crop one work item -> (source crops {name: uint8 (N, H, W, 3)}, Prepared).
+CHUNK_BYTES = 64 << 20  # source-crop bytes per encode call: ~190 images at 336 px, a fraction of a second of GPU
+
+
+def prepare(item: WorkItem, variants: tuple[str, ...], size: int, max_pixels: int, storage_options,
+            chunk_bytes: int = CHUNK_BYTES) -> Iterator:
+    """Read, decode and crop one work item, yielding it in chunks: for each chunk its source crops
+    ``{name: uint8 (N, H, W, 3)}`` then its :class:`Prepared` metadata (two objects, so the crops
+    can go to a tokenizer while the metadata waits for the commit). At least one pair is yielded.
 
     Only the source crops travel to the tokenizer (one per image for centre and flip, the 1.1x crop
-    for ten-crop): the variants are windows of them, cut on the tokenizer's device."""
+    for ten-crop): the variants are windows of them, cut on the tokenizer's device. A chunk holds at
+    most ``chunk_bytes`` of crops (and at least one image), so a 10,000-image tar becomes many
+    bounded objects that the tokenizer starts on while the rest is still being decoded, never one
+    object of gigabytes. Run as a Ray streaming generator: the driver sees each chunk as it lands.
+    The last chunk may be empty (it carries the item's remaining rejects and its request counts).
+    A yielded crops dict is valid until the generator resumes (its arrays are reused, see
+    :class:`_ChunkBuffer`): Ray copies it into the object store at once; a local caller must copy."""
     meta = Prepared([], [], [], [], [])
-    crops: list[dict[str, np.ndarray]] = []
-    with counting() as meta.io:
+    chunk = _ChunkBuffer(chunk_bytes)
+    with counting() as io:
         for sample in read_item(item, storage_options):
             reason, error = sample.error or (None, None)
             if reason is None:
                 try:
-                    crops.append(source_crops(decode_image(sample.data, max_pixels), size, variants))
+                    chunk.add(source_crops(decode_image(sample.data, max_pixels), size, variants))
                 except Rejected as e:
                     reason, error = e.reason, str(e)
             if reason is not None:
@@ -90,59 +79,64 @@ def prepare(item: WorkItem, variants: tuple[str, ...], size: int, max_pixels: in
             meta.labels.append(sample.label)
             meta.sources.append(sample.source)
             meta.digests.append(sha256(sample.data))
-    return {n: np.stack([c[n] for c in crops]) for n in (crops[0] if crops else ())}, meta
+            if chunk.full:
+                yield chunk.take()
+                yield meta
+                meta = Prepared([], [], [], [], [])
+    meta.io = io  # the whole item's requests, reported once with its last chunk
+    yield chunk.take()
+    yield meta
 
 
-class TokenizerWorker:
-    """Holds one tokenizer; turns source crops into tokens (N, V, T) uint16, cutting the variants
-    and normalising on its device, a batch at a time."""
+class _ChunkBuffer:
+    """Source crops of one chunk, written straight into arrays this process reuses chunk after chunk.
 
-    def __init__(self, spec: TokenizerSpec, batch_size: int, threads: int):
-        import torch
+    Stacking a chunk's crops into a fresh array costs a copy into pages the kernel must first map
+    (about a fifth of the CPU time of decoding a photo); Ray copies the yielded chunk into its object
+    store before the generator resumes, so the same, already-mapped arrays serve every chunk."""
 
-        if threads > 0:
-            torch.set_num_threads(threads)
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.tok = spec.build(self.device)
-        self.batch_size = batch_size
+    _arrays: dict = {}  # (source name, crop shape, capacity) -> reused array, per process
 
-    def info(self) -> dict:
-        cfg = self.tok.config
-        return {
-            "fingerprint": self.tok.fingerprint,
-            "config": cfg.to_dict(),
-            "image_size": cfg.image_size,
-            "tokens_per_image": cfg.tokens_per_image,
-            "codebook_size": cfg.quantizer.codebook_size,
-            "device": self.device,
-            "pid": os.getpid(),
-        }
+    def __init__(self, chunk_bytes: int):
+        self.chunk_bytes, self.n, self.views = chunk_bytes, 0, {}
 
-    def encode(self, sources: dict[str, np.ndarray], variants: tuple[str, ...]) -> np.ndarray:
-        import torch
+    def add(self, crops: dict[str, np.ndarray]) -> None:
+        if not self.views:
+            per_image = sum(c.nbytes for c in crops.values())
+            capacity = max(1, -(-self.chunk_bytes // per_image))
+            self.views = {name: self._arrays.setdefault((name, c.shape, capacity), np.empty((capacity, *c.shape), c.dtype))
+                          for name, c in crops.items()}
+        for name, c in crops.items():
+            self.views[name][self.n] = c
+        self.n += 1
 
-        from vfmtok_core.preprocess import normalize
+    @property
+    def full(self) -> bool:
+        return bool(self.views) and self.n == len(next(iter(self.views.values())))
 
-        size, t = self.tok.config.image_size, self.tok.config.tokens_per_image
-        n = len(next(iter(sources.values()))) if sources else 0
-        out = np.empty((n, len(variants), t), np.uint16)
-        step = max(1, self.batch_size // len(variants))  # images per forward: about batch_size crops
-        for s in range(0, n, step):
-            batch = {k: torch.from_numpy(v[s : s + step]).to(self.device) for k, v in sources.items()}
-            crops = torch.stack(cut_variants(batch, size, variants, lambda x: x.flip(2)), dim=1)  # (b, V, S, S, 3)
-            codes = self.tok.encode(normalize(crops.flatten(0, 1)))
-            out[s : s + step] = codes.view(-1, len(variants), t).cpu().numpy()
+    def take(self) -> dict[str, np.ndarray]:
+        out = {name: v[: self.n] for name, v in self.views.items()}
+        self.n = 0
         return out
 
 
-def commit(item: WorkItem, meta: Prepared, tokens: np.ndarray, output: str, fmt: str, variants, storage_options) -> tuple:
+def commit(item: WorkItem, output: str, fmt: str, variants, storage_options, chunks: int, *parts) -> tuple:
     """Write the item's shard and rejects, then its commit record (see :func:`commit_shard`);
-    returns (record, the requests and retries of reading and writing the item)."""
+    ``parts`` are the chunks' :class:`Prepared` then their tokens, in order. Returns (record, the
+    requests and retries of reading and writing the item)."""
+    metas, tokens = parts[:chunks], parts[chunks:]
+    keys = [k for m in metas for k in m.keys]
     with counting() as io:
         fs, root = filesystem(output, storage_options)
-        rows = ShardRows(meta.keys, meta.labels, meta.sources, meta.digests, tokens) if meta.keys else None
-        record = commit_shard(fs, root, item.shard, rows, fmt, variants, meta.rejects, item.unit)
-    return record, io + meta.io
+        rows = None
+        if keys:
+            rows = ShardRows(keys, [x for m in metas for x in m.labels], [x for m in metas for x in m.sources],
+                             [x for m in metas for x in m.digests], np.concatenate([t for t in tokens if len(t)]))
+        rejects = [r for m in metas for r in m.rejects]
+        record = commit_shard(fs, root, item.shard, rows, fmt, variants, rejects, item.unit)
+    for m in metas:
+        io.update(m.io)
+    return record, io
 
 
 class JobStopped(RuntimeError):
@@ -163,6 +157,16 @@ def _first_line(error: Exception) -> str:
     cause = getattr(error, "cause", None) or error
     text = str(cause).strip().splitlines()
     return f"{type(cause).__name__}: {text[0] if text else ''}"
+
+
+@dataclass
+class _Flight:
+    """An item in flight: its tokenizer, and the refs of its chunks' metadata and tokens so far."""
+
+    item: WorkItem
+    target: int
+    metas: list = field(default_factory=list)
+    tokens: list = field(default_factory=list)
 
 
 @dataclass
@@ -200,7 +204,7 @@ def start_workers(spec: TokenizerSpec, workers: int, gpus_per_worker: float, thr
 
 
 def run_items(
-    items: list[WorkItem],
+    items: Sequence[WorkItem],
     *,
     actors: list,
     image_size: int,
@@ -211,6 +215,7 @@ def run_items(
     storage_options: Mapping | None,
     max_decoding: int,
     max_bytes_in_flight: int,
+    chunk_bytes: int = CHUNK_BYTES,
 ) -> RunStats:
     """Process ``items`` with ``actors``; returns counts (items failed by the store's weather are
     listed; an error that would repeat raises :class:`JobStopped`).
@@ -220,7 +225,8 @@ def run_items(
     tokenizers there are) and the input bytes of all items in flight, decoded ones waiting for a
     tokenizer included, stay within ``max_bytes_in_flight`` (so the object store cannot fill up);
     one item is always admitted. Dispatch: each item goes to the tokenizer with the fewest items
-    outstanding, so a slow or restarting actor does not hold a queue of work the others could do.
+    outstanding, so a slow or restarting actor does not hold a queue of work the others could do;
+    its chunks (``chunk_bytes`` of crops each, see :func:`prepare`) go there as they are decoded.
     """
     import ray
     from tqdm import tqdm
@@ -228,42 +234,53 @@ def run_items(
     so = dict(storage_options or {})
     # Only an outage that outlasted the per-request retries reruns a task; other errors repeat.
     retry = dict(max_retries=3, retry_exceptions=[StorageUnavailable])
-    prepare_task = ray.remote(prepare).options(num_returns=2, num_cpus=1, **retry)
+    prepare_task = ray.remote(prepare).options(num_cpus=1, **retry)  # a streaming generator of chunks
     commit_task = ray.remote(commit).options(num_cpus=0.25, **retry)
 
     stats = RunStats()
-    queue = collections.deque(items)
-    inflight: dict = {}  # commit ref -> (item, actor index)
-    decoding: set = set()  # crop refs of items still being read and decoded
+    # Items are taken from ``items`` one at a time (a plan of millions of files is an Arrow table;
+    # only the items in flight exist as Python objects).
+    queue = (items[i] for i in range(len(items)))
+    head = next(queue, None)
+    decoding: dict = {}  # chunk generator of an item still being read and decoded -> its _Flight
+    inflight: dict = {}  # commit ref -> its _Flight
     outstanding = [0] * len(actors)
     bytes_in_flight = 0
     start = time.perf_counter()
     bar = tqdm(total=len(items), desc="tokenize", unit="shard", dynamic_ncols=True)
-    while queue or inflight:
-        while queue and (not inflight or (
-            len(decoding) < max_decoding and bytes_in_flight + queue[0].bytes <= max_bytes_in_flight
+    while head is not None or inflight or decoding:
+        while head is not None and (not (inflight or decoding) or (
+            len(decoding) < max_decoding and bytes_in_flight + head.bytes <= max_bytes_in_flight
         )):
-            item = queue.popleft()
-            crops, meta = prepare_task.remote(item, variants, image_size, max_pixels, so)
+            item, head = head, next(queue, None)
             target = min(range(len(actors)), key=outstanding.__getitem__)
-            tokens = actors[target].encode.remote(crops, variants)
-            ref = commit_task.remote(item, meta, tokens, output, fmt, variants, so)
-            inflight[ref] = (item, target)
-            decoding.add(crops)
+            decoding[prepare_task.remote(item, variants, image_size, max_pixels, so, chunk_bytes)] = _Flight(item, target)
             outstanding[target] += 1
             bytes_in_flight += item.bytes
         done, _ = ray.wait([*decoding, *inflight], num_returns=1)
-        if done[0] in decoding:  # decoded: its CPU is free for the next item
-            decoding.discard(done[0])
+        if done[0] in decoding:  # a chunk (or the end) of an item being decoded
+            gen, flight = done[0], decoding[done[0]]
+            try:
+                ref = next(gen)
+            except StopIteration:  # decoded: its CPU is free for the next item; commit when encoded
+                del decoding[gen]
+                inflight[commit_task.remote(flight.item, output, fmt, variants, so, len(flight.metas),
+                                            *flight.metas, *flight.tokens)] = flight
+                continue
+            if len(flight.metas) == len(flight.tokens):  # crops: straight to the item's tokenizer
+                flight.tokens.append(actors[flight.target].encode.remote(ref, variants))
+            else:
+                flight.metas.append(ref)
             continue
-        item, target = inflight.pop(done[0])
-        outstanding[target] -= 1
+        flight = inflight.pop(done[0])
+        item = flight.item
+        outstanding[flight.target] -= 1
         bytes_in_flight -= item.bytes
         try:
             record, io = ray.get(done[0])
         except Exception as e:  # noqa: BLE001 - sorted below: deterministic errors stop the job
             if _repeats(e):
-                for ref in inflight:
+                for ref in [*inflight, *decoding]:
                     ray.cancel(ref)
                 bar.close()
                 raise JobStopped(

@@ -32,7 +32,7 @@ import tarfile
 import unicodedata
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import pyarrow.parquet as pq
 
@@ -69,16 +69,11 @@ class WorkItem:
     unit: str = ""  # human-readable source name recorded in each row's ``source``
     bytes: int = 0  # input bytes the item reads (folder: its files; tar: the file; parquet: the row group)
     columns: tuple[str, str, str] = ("", "", "")  # parquet: the (image, label, key) columns read; "": none
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+    sizes: tuple[int, ...] = ()  # sizes when planned (folder: each file; tar, parquet: the file); () unchecked
 
     @staticmethod
     def from_dict(d: dict) -> "WorkItem":
-        tuples = {k: tuple(d.get(k, ())) for k in ("files", "labels")}
-        if "columns" in d:
-            tuples["columns"] = tuple(d["columns"])
-        return WorkItem(**{**d, **tuples})
+        return WorkItem(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
 @dataclass(frozen=True)
@@ -134,95 +129,12 @@ def detect_format(url: str, storage_options: Mapping | None = None) -> str:
     raise InputError(f"found no images, .tar, .parquet or LMDB under {url}")
 
 
-def _rel(root: str, path: str) -> str:
-    return path[len(root) :].lstrip("/") if path.startswith(root) else path
-
-
-def _shard_name(index: int) -> str:
-    return f"shard-{index:06d}"
-
-
-def plan(
-    url: str, fmt: str, rows_per_shard: int, storage_options: Mapping | None = None, columns: Columns = Columns()
-) -> list[WorkItem]:
-    """Deterministic work items (sorted listing) for the dataset at ``url``; a Parquet input's
-    footers are read (concurrently) to split it by row group and to check its columns."""
-    fs, root = filesystem(url, storage_options)
-    single = call(fs, "isfile", root)
-    sizes = {root: call(fs, "size", root)} if single else {p: i["size"] for p, i in find(fs, root, detail=True).items()}
-    if fmt == "folder":
-        files = sorted(p for p in sizes if p.rsplit(".", 1)[-1].lower() in IMAGE_EXTS)
-        rel = [_rel(root, p) for p in files]
-        labels = [-1] * len(rel)
-        classes = folder_classes(rel)
-        if classes:
-            index = {c: i for i, c in enumerate(classes)}
-            labels = [index[r.split("/", 1)[0]] for r in rel]
-        return [
-            WorkItem(
-                _shard_name(i), fmt, url, s, min(s + rows_per_shard, len(rel)),
-                tuple(rel[s : s + rows_per_shard]), tuple(labels[s : s + rows_per_shard]), unit=f"{url}#{s}",
-                bytes=sum(sizes[p] for p in files[s : s + rows_per_shard]),
-            )
-            for i, s in enumerate(range(0, len(rel), rows_per_shard))
-        ]
-    if fmt == "webdataset":
-        tars = sorted(p for p in sizes if p.endswith(".tar"))
-        base = root.rsplit("/", 1)[0] if single else root
-        return [
-            WorkItem(_shard_name(i), fmt, _url(fs, t), unit=_rel(base, t)[: -len(".tar")], bytes=sizes[t])
-            for i, t in enumerate(tars)
-        ]
-    if fmt == "parquet":
-        files = sorted(p for p in sizes if p.endswith(".parquet"))
-        base = root.rsplit("/", 1)[0] if single else root
-
-        def footer(path: str) -> tuple[tuple[str, str, str], list[int]]:
-            with open_input(fs, path, block_bytes=1 << 20) as f:
-                try:
-                    pf = pq.ParquetFile(f)
-                except Exception as e:  # noqa: BLE001 - any unreadable footer is the input's fault
-                    if is_storage_fault(e):
-                        raise
-                    raise InputError(f"{_url(fs, path)} is not a readable Parquet file: {type(e).__name__}: {e}") from None
-                cols = columns.resolve(pf.schema_arrow.names, _url(fs, path))
-                return cols, [pf.metadata.row_group(g).total_byte_size for g in range(pf.num_row_groups)]
-
-        with ThreadPoolExecutor(max_workers=16) as pool:
-            footers = list(pool.map(footer, files))
-        items = []
-        for path, (cols, group_bytes) in zip(files, footers):
-            stem = _rel(base, path)[: -len(".parquet")]
-            for g, nbytes in enumerate(group_bytes):
-                items.append(WorkItem(_shard_name(len(items)), fmt, _url(fs, path), g, g + 1, unit=stem,
-                                      bytes=nbytes, columns=cols))
-        return items
-    if fmt == "lmdb":
-        if not _is_local(url):
-            raise InputError("LMDB inputs must be on a local filesystem (LMDB maps its file into memory)")
-        total = _lmdb_count(root)
-        per_record = sum(sizes.values()) // max(1, total)
-        return [
-            WorkItem(_shard_name(i), fmt, url, s, min(s + rows_per_shard, total), unit=f"lmdb#{s}",
-                     bytes=per_record * (min(s + rows_per_shard, total) - s))
-            for i, s in enumerate(range(0, total, rows_per_shard))
-        ]
-    raise ValueError(f"unknown input format {fmt!r}; choose from {', '.join(FORMATS)}")
-
-
-def folder_classes(rel: list[str]) -> list[str]:
-    """Class names of an ImageNet-style folder (sorted subfolder names: label i is ``classes[i]``),
-    or [] when some image lies directly under the root (then no image is labelled)."""
-    if not rel or any("/" not in r for r in rel):
-        return []
-    return sorted({r.split("/", 1)[0] for r in rel})
-
-
-def _is_local(url: str) -> bool:
+def is_local_url(url: str) -> bool:
     return "://" not in url or url.startswith("file://")
 
 
-def _url(fs, path: str) -> str:
+def url_of(fs, path: str) -> str:
+    """The URL of ``path`` on ``fs`` (a local path stays a path)."""
     protocol = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
     return path if protocol in ("file", "local") else f"{protocol}://{path}"
 
@@ -270,6 +182,33 @@ def _printable(key: str, limit: int = 200) -> str:
     return key.encode("unicode_escape").decode("ascii")[:limit]
 
 
+def parquet_footer(fs, path: str, columns: "Columns") -> tuple[tuple[str, str, str], list[int]]:
+    """(the image, label and key columns of a Parquet file, its row groups' byte sizes); a file
+    that is not Parquet, or lacks the columns, is an :class:`InputError` (a user mistake, found in
+    planning rather than by every task)."""
+    with open_input(fs, path, block_bytes=1 << 20) as f:
+        try:
+            pf = pq.ParquetFile(f)
+        except Exception as e:  # noqa: BLE001 - any unreadable footer is the input's fault
+            if is_storage_fault(e):
+                raise
+            raise InputError(f"{url_of(fs, path)} is not a readable Parquet file: {type(e).__name__}: {e}") from None
+        cols = columns.resolve(pf.schema_arrow.names, url_of(fs, path))
+        return cols, [pf.metadata.row_group(g).total_byte_size for g in range(pf.num_row_groups)]
+
+
+def _changed(item: WorkItem, fs, path: str) -> tuple[int | None, RawSample | None]:
+    """(the file's size now, and a rejection when it differs from the planned size). A file that
+    changed since planning would mix new content into a plan made from the old: it is refused."""
+    if not item.sizes:
+        return None, None
+    size = call(fs, "size", path)
+    if size == item.sizes[0]:
+        return size, None
+    return size, RawSample(f"{item.unit}/<file>", item.unit, error=(
+        "changed", f"{url_of(fs, path)} is {size} bytes, {item.sizes[0]} when planned"))
+
+
 def _read_folder(item: WorkItem, storage_options) -> Iterator[RawSample]:
     """The item's files in plan order. On an object store they are fetched many at a time (one GET
     each, up to the process's request slots), so per-request latency is paid once per wave, not once
@@ -277,7 +216,9 @@ def _read_folder(item: WorkItem, storage_options) -> Iterator[RawSample]:
     fs, root = filesystem(item.url, storage_options)
     real_root = os.path.realpath(root) if is_local(fs) else None
 
-    def load(rel: str, label: int) -> RawSample:
+    planned = item.sizes or (None,) * len(item.files)
+
+    def load(rel: str, label: int, size: int | None) -> RawSample:
         key = rel.rsplit(".", 1)[0]
         path = join(root, rel)
         if real_root is not None:
@@ -292,13 +233,15 @@ def _read_folder(item: WorkItem, storage_options) -> Iterator[RawSample]:
             if is_storage_fault(e):
                 raise  # the store's weather, not the input's fault: retried, never a rejection
             return RawSample(key, rel, error=("read_error", f"{type(e).__name__}: {e}"))
+        if size is not None and len(data) != size:
+            return RawSample(key, rel, error=("changed", f"{rel} is {len(data)} bytes, {size} when planned"))
         return RawSample(key, rel, None if label < 0 else label, data)
 
     if is_local(fs):
-        yield from map(load, item.files, item.labels)
+        yield from map(load, item.files, item.labels, planned)
         return
     with ThreadPoolExecutor(max_workers=FOLDER_READS_IN_FLIGHT) as pool:
-        yield from pool.map(load, item.files, item.labels)
+        yield from pool.map(load, item.files, item.labels, planned)
 
 
 def _read_tar(item: WorkItem, storage_options) -> Iterator[RawSample]:
@@ -322,8 +265,12 @@ def _read_tar(item: WorkItem, storage_options) -> Iterator[RawSample]:
             return RawSample(name, item.unit, error=("no_image", f"members {sorted(files)} hold no image"))
         return RawSample(name, item.unit, label, files[image_ext])
 
+    size, refusal = _changed(item, fs, path)
+    if refusal is not None:
+        yield refusal
+        return
     try:
-        with open_input(fs, path) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+        with open_input(fs, path, size=size) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
             for member in tar:
                 if member.isdir():
                     continue
@@ -370,7 +317,11 @@ def _pick(names: list[str], candidates: tuple[str, ...]) -> str | None:
 
 def _read_parquet(item: WorkItem, storage_options) -> Iterator[RawSample]:
     fs, path = filesystem(item.url, storage_options)
-    with open_input(fs, path) as f:
+    size, refusal = _changed(item, fs, path)
+    if refusal is not None:
+        yield refusal
+        return
+    with open_input(fs, path, size=size) as f:
         pf = pq.ParquetFile(f)
         # Planned columns; a plan from before they were recorded finds them by name as planning did.
         image_col, label_col, key_col = item.columns if item.columns[0] else Columns().resolve(pf.schema_arrow.names, item.url)
@@ -397,7 +348,7 @@ class _PlainUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refusing to load {module}.{name}: only plain dicts, bytes and ints are allowed")
 
 
-def _lmdb_count(root: str) -> int:
+def lmdb_count(root: str) -> int:
     import lmdb
 
     with lmdb.open(root, readonly=True, lock=False, readahead=False, meminit=False, subdir=True) as env:

@@ -2,7 +2,8 @@
 
 Resuming is the normal path, not a special mode: the plan (work items and the settings that
 shape the output) is stored in the output folder on the first run; every later run with the same
-settings loads it, skips the items that already have a commit record and redoes the rest.
+settings loads it, skips the items that already have a commit record and redoes the rest. With
+``extend`` the input is listed again and what appeared since is planned after the stored items.
 
 The manifest is built from one fresh listing of the commit records taken at the start plus the
 records this run's commit tasks returned, never from a second listing: an object store's listing
@@ -27,12 +28,16 @@ from pipelines.contract.manifest import (
     read_commit,
     write_manifest,
 )
-from pipelines.producer.ray_tokenize import RunStats, TokenizerSpec, run_items, start_workers
+from pipelines.producer.planning import Growth, Plan, extend, plan
+from pipelines.producer.ray_tokenize import CHUNK_BYTES, RunStats, run_items, start_workers
+from pipelines.producer.worker import TokenizerSpec
 from pipelines.contract.shards import SHARD_FORMATS
-from pipelines.producer.sources import Columns, WorkItem, detect_format, folder_classes, plan
+from pipelines.producer.sources import Columns, detect_format
 from pipelines.contract.redact import redact_url
 from pipelines.contract.retry import counting, summarize
-from pipelines.contract.storage import exists, filesystem, join, read_json, remove, remove_stale_temporaries, write_json
+from pipelines.contract.storage import (
+    atomic_write, exists, filesystem, join, read_bytes, read_json, remove, remove_stale_temporaries,
+)
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +60,8 @@ class TokenizeOptions:
     overwrite: bool = False
     columns: Columns = field(default_factory=Columns)
     max_bytes_in_flight: int = 4 << 30  # input bytes of the work items in flight (see run_items)
+    chunk_bytes: int = CHUNK_BYTES  # source-crop bytes per encode call (see prepare)
+    extend: bool = False  # plan the inputs that appeared since the stored plan was made
 
 
 def _settings(opts: TokenizeOptions, input_format: str) -> dict:
@@ -74,43 +81,63 @@ def _identity(opts: TokenizeOptions, info: dict, input_format: str) -> dict:
     return {"fingerprint": info["fingerprint"], "tokens_per_image": info["tokens_per_image"], **_settings(opts, input_format)}
 
 
+MAX_PLAN_BYTES = 4 << 30  # ImageNet-21k's plan is a few hundred MB
+
+
 @dataclass
-class Plan:
-    items: list[WorkItem]
-    classes: list[str]  # a folder input's class names (label i is classes[i]); [] otherwise
-    stored: dict | None  # the plan file of an earlier run, when there is one
+class Planned:
+    plan: Plan
+    stored: dict | None  # the identity an earlier run stored its plan with; None for a new plan
+    growth: Growth | None = None  # what ``extend`` added and found
 
 
-def _load_or_plan(fs, root: str, opts: TokenizeOptions, input_format: str) -> Plan:
-    """The stored plan of an earlier run, or a new one (not stored here)."""
+def _plan(opts: TokenizeOptions, input_format: str) -> Planned:
+    """The stored plan of an earlier run (extended when asked), or a new one; nothing is written."""
+    fs, root = filesystem(opts.output, opts.storage_options)
     path = join(root, PLAN)
-    if exists(fs, path):
-        stored = read_json(fs, path)
-        return Plan([WorkItem.from_dict(d) for d in stored["items"]], stored.get("classes", []), stored)
-    items = plan(opts.input, input_format, opts.rows_per_shard, opts.storage_options, opts.columns)
-    classes = folder_classes([f for i in items for f in i.files]) if input_format == "folder" else []
-    return Plan(items, classes, None)
+    if not exists(fs, path):
+        return Planned(plan(opts.input, input_format, opts.rows_per_shard, opts.storage_options, opts.columns), None)
+    stored, identity = Plan.from_parquet(read_bytes(fs, path, MAX_PLAN_BYTES))
+    if not opts.extend:
+        return Planned(stored, identity)
+    growth = extend(stored, opts.input, input_format, opts.rows_per_shard, opts.storage_options, opts.columns)
+    return Planned(growth.plan, identity, growth)
 
 
-def _prepare_output(opts: TokenizeOptions, identity: dict) -> Plan:
-    """Check (or clear) an existing output and return the plan, creating it on the first run."""
+def _report_growth(growth: Growth | None) -> None:
+    if growth is None:
+        return
+    log.info("--extend: %d new inputs in %d new work items%s", growth.new_inputs, growth.new_items,
+             f" (new classes appended: {', '.join(growth.new_classes)})" if growth.new_classes else "")
+    for what, names in (("vanished", growth.vanished), ("changed size", growth.changed)):
+        if names:
+            log.warning("%d planned inputs %s since planning (kept out; what was committed stays): %s%s",
+                        len(names), what, ", ".join(names[:5]), " ..." if len(names) > 5 else "")
+
+
+def _clear(opts: TokenizeOptions) -> None:
     fs, root = filesystem(opts.output, opts.storage_options)
     if opts.overwrite and exists(fs, root):
         log.warning("--overwrite: deleting %s", redact_url(opts.output))
         remove(fs, root)
+
+
+def _prepare_output(opts: TokenizeOptions, identity: dict, planned: Planned) -> None:
+    """Check the existing output against ``identity`` and store the plan if it is new or grew."""
+    fs, root = filesystem(opts.output, opts.storage_options)
     if exists(fs, join(root, MANIFEST)):
         check_compatible(read_json(fs, join(root, MANIFEST)), identity, opts.output)
     removed = remove_stale_temporaries(fs, root)
     if removed:
         log.info("removed %d temporary files left by an interrupted run", removed)
-    p = _load_or_plan(fs, root, opts, identity["input_format"])  # the stored plan is read once
-    if p.stored is not None:
-        check_compatible(p.stored["identity"], identity, opts.output)
-        log.info("resuming: %d work items planned earlier", len(p.items))
-        return p
-    write_json(fs, join(root, PLAN), {"identity": identity, "items": [i.to_dict() for i in p.items], "classes": p.classes})
-    log.info("planned %d work items from %s (%s)", len(p.items), redact_url(opts.input), identity["input_format"])
-    return p
+    if planned.stored is not None:
+        check_compatible(planned.stored, identity, opts.output)
+        log.info("resuming: %d work items planned earlier", len(planned.plan) - (planned.growth.new_items if planned.growth else 0))
+        _report_growth(planned.growth)
+        if not (planned.growth and planned.growth.new_items):
+            return
+    atomic_write(fs, join(root, PLAN), planned.plan.to_parquet(identity))
+    log.info("planned %d work items from %s (%s)", len(planned.plan), redact_url(opts.input), identity["input_format"])
 
 
 def dry_run(opts: TokenizeOptions) -> dict:
@@ -118,30 +145,28 @@ def dry_run(opts: TokenizeOptions) -> dict:
     a new one), its inputs and bytes, and what a resume would skip."""
     input_format = opts.input_format or detect_format(opts.input, opts.storage_options)
     fs, root = filesystem(opts.output, opts.storage_options)
-    p = _load_or_plan(fs, root, opts, input_format)
-    commits = load_commits(fs, root) if p.stored is not None else {}
-    todo = [i for i in p.items if i.shard not in commits]
+    planned = _plan(opts, input_format)
+    p = planned.plan
+    commits = load_commits(fs, root) if planned.stored is not None else {}
+    todo = [n for n, shard in zip(p.item_bytes, p.shards) if shard not in commits]
     settings = _settings(opts, input_format)
-    stored = (p.stored or {}).get("identity", {})
-    if input_format == "folder":
-        inputs = sum(len(i.files) for i in p.items)
-    elif input_format == "lmdb":
-        inputs = sum(i.stop - i.start for i in p.items)
-    else:
-        inputs = len({i.url for i in p.items})
-    return {
+    stored = planned.stored or {}
+    report = {
         "input": redact_url(opts.input),
         "input_format": input_format,
         "output": redact_url(opts.output),
-        "plan": "stored by an earlier run" if p.stored is not None else "new",
-        "settings_that_differ_from_the_stored_plan": sorted(k for k in settings if p.stored and stored.get(k) != settings[k]),
-        "inputs": inputs,
-        "input_bytes": sum(i.bytes for i in p.items),
-        "work_items": len(p.items),
+        "plan": "stored by an earlier run" if planned.stored is not None else "new",
+        "settings_that_differ_from_the_stored_plan": sorted(k for k in settings if planned.stored and stored.get(k) != settings[k]),
+        "inputs": p.inputs(),
+        "input_bytes": sum(p.item_bytes),
+        "work_items": len(p),
         "classes": len(p.classes),
-        "committed_items": len(p.items) - len(todo),
-        "to_do": {"work_items": len(todo), "input_bytes": sum(i.bytes for i in todo)},
+        "committed_items": len(p) - len(todo),
+        "to_do": {"work_items": len(todo), "input_bytes": sum(todo)},
     }
+    if planned.growth is not None:
+        report["extend"] = planned.growth.report()
+    return report
 
 
 def run_tokenize(opts: TokenizeOptions) -> dict:
@@ -156,26 +181,28 @@ def run_tokenize(opts: TokenizeOptions) -> dict:
         input_format = opts.input_format or detect_format(opts.input, opts.storage_options)
         cpus = int(ray.cluster_resources().get("CPU", 1))
         threads = opts.threads or max(1, cpus // max(1, opts.workers))
-        # The tokenizer's fingerprint decides whether an existing output may be extended, so the
-        # actors start (and report it) before the output is touched.
+        _clear(opts)
+        # The actors load their weights while the driver lists and plans the input; the tokenizer's
+        # fingerprint (which decides whether an existing output may be extended) is asked after.
         actors = start_workers(opts.spec, opts.workers, opts.gpus_per_worker, threads, opts.batch_size)
         try:
+            planned = _plan(opts, input_format)
             info = ray.get(actors[0].info.remote())
             identity = _identity(opts, info, input_format)
-            planned = _prepare_output(opts, identity)
-            items = planned.items
+            _prepare_output(opts, identity, planned)
+            items = planned.plan
             fs, root = filesystem(opts.output, opts.storage_options)
             commits = load_commits(fs, root)
-            todo = [i for i in items if i.shard not in commits]
+            todo = items.select([i for i, shard in enumerate(items.shards) if shard not in commits])
             log.info("%d of %d work items already committed; %d to do", len(items) - len(todo), len(items), len(todo))
             stats = RunStats()
-            if todo:
+            if len(todo):
                 stats = run_items(
                     todo, actors=actors, image_size=info["image_size"], output=opts.output, fmt=opts.format,
                     variants=variants, max_pixels=opts.max_pixels, storage_options=opts.storage_options,
                     # One decoding per CPU and one more queued behind each, so none waits for the driver.
                     max_decoding=2 * cpus,
-                    max_bytes_in_flight=opts.max_bytes_in_flight,
+                    max_bytes_in_flight=opts.max_bytes_in_flight, chunk_bytes=opts.chunk_bytes,
                 )
         finally:
             for actor in actors:
@@ -186,7 +213,7 @@ def run_tokenize(opts: TokenizeOptions) -> dict:
             record = read_commit(fs, root, failure["shard"])
             if record is not None:
                 commits[record["shard"]] = record
-        manifest = build_manifest(identity, info["config"], info["codebook_size"], commits, len(items), planned.classes)
+        manifest = build_manifest(identity, info["config"], info["codebook_size"], commits, len(items), items.classes)
         write_manifest(fs, root, manifest)
     stats.io.update(driver_io)
     totals = manifest["totals"]
@@ -208,6 +235,8 @@ def run_tokenize(opts: TokenizeOptions) -> dict:
             "storage": summarize(stats.io),
         },
     }
+    if planned.growth is not None:
+        summary["extend"] = planned.growth.report()
     return summary
 
 

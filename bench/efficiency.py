@@ -1,0 +1,145 @@
+"""How much of the machine the tokenization job turns into tokens, measured side by side in one run.
+
+Same photo-sized JPEGs for every figure:
+
+(a) **parallel efficiency**: the job (``tiny`` config, centre crop, one single-threaded tokenizer
+    per core) in images/s, over cores x a one-core loop that reads, decodes, crops and encodes
+    the same images in batches of the job's size. 1.0 means the job adds nothing to the work.
+(b) **feed efficiency**: the job's executor (:func:`pipelines.producer.ray_tokenize.run_items`,
+    writing real shards) with a zero-cost tokenizer stand-in (it returns zeros without computing),
+    centre + flip at 336 px, over cores x a bare loop of read + decode + source crop. This is the
+    ceiling the CPU stage puts on a GPU stage: 1.0 means every core decodes all the time.
+
+Targets: both >= 0.9. The job's figures are steady state, as in a run of millions of images: Ray's
+worker processes are started and have imported their modules (a warm-up run on a few images does
+that) and tokenizers are built before the clock starts; they include reading, decoding, cropping,
+the object store, writing shards and commits.
+
+Run: ``python -m bench.efficiency`` (about 2 minutes on 2 cores).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench.pipeline import write_jpegs
+from jobs.cli import parse_config, setup_logging
+from pipelines.producer.images import DEFAULT_MAX_PIXELS, decode_image, expand_variants, make_variants, source_crops
+from pipelines.producer.planning import plan
+from pipelines.producer.ray_tokenize import run_items
+from pipelines.producer.tokenize import TokenizeOptions, TokenizerSpec, run_tokenize
+from pipelines.ray_runtime import ray_session
+from vfmtok_core import VFMTokenizer
+from vfmtok_core.preprocess import to_tensor
+
+log = logging.getLogger("bench.efficiency")
+
+
+@dataclass
+class BenchConfig:
+    """Parallel and feed efficiency of the tokenization job on this machine."""
+
+    images: int = field(default=4000, metadata={"help": "JPEGs in the input folder"})
+    warmup_images: int = field(default=64, metadata={"help": "JPEGs of the warm-up run (starts Ray's workers)"})
+    rows_per_shard: int = field(default=256, metadata={"help": "images per work item"})
+    batch_size: int = field(default=64, metadata={"help": "images per tokenizer forward (job and loop)"})
+
+
+class ZeroTokenizer:
+    """Stands in for a tokenizer that costs nothing: the job's actor interface, zeros as codes."""
+
+    def __init__(self, tokens: int):
+        self.tokens = tokens
+
+    def encode(self, sources: dict, variants: tuple[str, ...]) -> np.ndarray:
+        n = len(next(iter(sources.values()))) if sources else 0
+        return np.zeros((n, len(variants), self.tokens), np.uint16)
+
+
+def one_core_encode_loop(paths: list[Path], batch_size: int) -> float:
+    """Seconds for read + decode + centre crop + ``tiny`` encode of ``paths`` in one thread."""
+    tok = VFMTokenizer.from_config("tiny", seed=0)
+    size = tok.config.image_size
+    start = time.perf_counter()
+    for s in range(0, len(paths), batch_size):
+        crops = [make_variants(decode_image(p.read_bytes()), size, ("center",)) for p in paths[s : s + batch_size]]
+        tok.encode(to_tensor(np.concatenate(crops)))
+    return time.perf_counter() - start
+
+
+def bare_decode_loop(paths: list[Path], size: int, variants: tuple[str, ...]) -> float:
+    """Seconds for read + decode + source crops of ``paths`` in one thread (no Ray, no writes)."""
+    start = time.perf_counter()
+    for p in paths:
+        source_crops(decode_image(p.read_bytes()), size, variants)
+    return time.perf_counter() - start
+
+
+def run(cfg: BenchConfig) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        paths = write_jpegs(tmp / "in", cfg.images)
+        write_jpegs(tmp / "warmup", cfg.warmup_images, seed=1)
+        torch.set_num_threads(1)
+        t_loop = one_core_encode_loop(paths, cfg.batch_size)
+        variants = expand_variants(("center", "flip"))
+        t_bare = bare_decode_loop(paths, 336, variants)
+        with ray_session() as ray:
+            cores = int(ray.cluster_resources()["CPU"])
+
+            def job(name: str, rows_per_shard: int) -> dict:
+                return run_tokenize(TokenizeOptions(
+                    input=str(tmp / name), output=str(tmp / f"{name}-out"), spec=TokenizerSpec("tiny"),
+                    batch_size=cfg.batch_size, workers=cores, threads=1, rows_per_shard=rows_per_shard,
+                ))
+
+            job("warmup", max(1, cfg.warmup_images // (4 * cores)))  # a few items on every core
+            t_job = job("in", cfg.rows_per_shard)["this_run"]["seconds"]
+            zero = ray.remote(ZeroTokenizer).options(num_cpus=0)
+            actors = [zero.remote(256) for _ in range(cores)]
+            ray.get([a.encode.remote({}, variants) for a in actors])  # started, like the job's tokenizers
+            items = plan(str(tmp / "in"), "folder", cfg.rows_per_shard)
+            stats = run_items(
+                items, actors=actors, image_size=336, output=str(tmp / "feed"), fmt="parquet", variants=variants,
+                max_pixels=DEFAULT_MAX_PIXELS, storage_options=None, max_decoding=2 * cores,
+                max_bytes_in_flight=4 << 30,
+            )
+            t_feed = stats.seconds
+    n = cfg.images
+    out = {
+        "cores": cores,
+        "images": n,
+        "a_parallel": {
+            "one_core_loop_images_per_s": round(n / t_loop, 1),
+            "job_images_per_s": round(n / t_job, 1),
+            "efficiency": round(t_loop / (cores * t_job), 3),
+        },
+        "b_feed": {
+            "bare_decode_crop_images_per_s": round(n / t_bare, 1),
+            "job_zero_cost_encoder_images_per_s": round(n / t_feed, 1),
+            "efficiency": round(t_bare / (cores * t_feed), 3),
+        },
+    }
+    log.info("(a) parallel efficiency %.3f: job %.1f img/s on %d cores vs one-core loop %.1f img/s (target >= 0.9)",
+             out["a_parallel"]["efficiency"], n / t_job, cores, n / t_loop)
+    log.info("(b) feed efficiency %.3f: zero-cost encoder job %.1f img/s vs %d x bare decode+crop %.1f img/s (target >= 0.9)",
+             out["b_feed"]["efficiency"], n / t_feed, cores, n / t_bare)
+    print(json.dumps(out, indent=1))
+    return out
+
+
+def main(argv=None) -> None:
+    setup_logging()
+    run(parse_config(BenchConfig, argv, description=__doc__))
+
+
+if __name__ == "__main__":
+    main()
