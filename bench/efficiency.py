@@ -15,13 +15,16 @@ worker processes are started and have imported their modules (a warm-up run on a
 that) and tokenizers are built before the clock starts; they include reading, decoding, cropping,
 the object store, writing shards and commits.
 
-Run: ``python -m bench.efficiency`` (about 2 minutes on 2 cores).
+Each figure is the median of ``--rounds`` interleaved measurements.
+
+Run: ``python -m bench.efficiency`` (about 3 minutes on 2 cores).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import statistics
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -34,7 +37,7 @@ from bench.pipeline import write_jpegs
 from jobs.cli import parse_config, setup_logging
 from pipelines.producer.images import DEFAULT_MAX_PIXELS, decode_image, expand_variants, make_variants, source_crops
 from pipelines.producer.planning import plan
-from pipelines.producer.ray_tokenize import run_items
+from pipelines.producer.ray_tokenize import run_items, start_committers
 from pipelines.producer.tokenize import TokenizeOptions, TokenizerSpec, run_tokenize
 from pipelines.ray_runtime import ray_session
 from vfmtok_core import VFMTokenizer
@@ -51,6 +54,7 @@ class BenchConfig:
     warmup_images: int = field(default=64, metadata={"help": "JPEGs of the warm-up run (starts Ray's workers)"})
     rows_per_shard: int = field(default=256, metadata={"help": "images per work item"})
     batch_size: int = field(default=64, metadata={"help": "images per tokenizer forward (job and loop)"})
+    rounds: int = field(default=3, metadata={"help": "measurements of each figure (the median is reported)"})
 
 
 class ZeroTokenizer:
@@ -84,39 +88,46 @@ def bare_decode_loop(paths: list[Path], size: int, variants: tuple[str, ...]) ->
 
 
 def run(cfg: BenchConfig) -> dict:
+    times: dict[str, list[float]] = {"loop": [], "bare": [], "job": [], "feed": []}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         paths = write_jpegs(tmp / "in", cfg.images)
         write_jpegs(tmp / "warmup", cfg.warmup_images, seed=1)
         torch.set_num_threads(1)
-        t_loop = one_core_encode_loop(paths, cfg.batch_size)
         variants = expand_variants(("center", "flip"))
-        t_bare = bare_decode_loop(paths, 336, variants)
         with ray_session() as ray:
             cores = int(ray.cluster_resources()["CPU"])
 
-            def job(name: str, rows_per_shard: int) -> dict:
+            def job(name: str, out: str, rows_per_shard: int) -> dict:
                 return run_tokenize(TokenizeOptions(
-                    input=str(tmp / name), output=str(tmp / f"{name}-out"), spec=TokenizerSpec("tiny"),
+                    input=str(tmp / name), output=str(tmp / out), spec=TokenizerSpec("tiny"),
                     batch_size=cfg.batch_size, workers=cores, threads=1, rows_per_shard=rows_per_shard,
                 ))
 
-            job("warmup", max(1, cfg.warmup_images // (4 * cores)))  # a few items on every core
-            t_job = job("in", cfg.rows_per_shard)["this_run"]["seconds"]
+            job("warmup", "warmup-out", max(1, cfg.warmup_images // (4 * cores)))  # a few items on every core
             zero = ray.remote(ZeroTokenizer).options(num_cpus=0)
             actors = [zero.remote(256) for _ in range(cores)]
             ray.get([a.encode.remote({}, variants) for a in actors])  # started, like the job's tokenizers
+            committers = start_committers()
+            ray.get([c.requests.remote() for c in committers])
             items = plan(str(tmp / "in"), "folder", cfg.rows_per_shard)
-            stats = run_items(
-                items, actors=actors, image_size=336, output=str(tmp / "feed"), fmt="parquet", variants=variants,
-                max_pixels=DEFAULT_MAX_PIXELS, storage_options=None, max_decoding=2 * cores,
-                max_bytes_in_flight=4 << 30,
-            )
-            t_feed = stats.seconds
+            # Rounds interleave the four measurements, so a drift in the machine's load hits all alike.
+            for r in range(cfg.rounds):
+                times["loop"].append(one_core_encode_loop(paths, cfg.batch_size))
+                times["bare"].append(bare_decode_loop(paths, 336, variants))
+                times["job"].append(job("in", f"job-{r}", cfg.rows_per_shard)["this_run"]["seconds"])
+                times["feed"].append(run_items(
+                    items, actors=actors, committers=committers, image_size=336, output=str(tmp / f"feed-{r}"), fmt="parquet",
+                    variants=variants, max_pixels=DEFAULT_MAX_PIXELS, storage_options=None, max_decoding=2 * cores,
+                    max_bytes_in_flight=4 << 30,
+                ).seconds)
+    t_loop, t_bare, t_job, t_feed = (statistics.median(times[k]) for k in ("loop", "bare", "job", "feed"))
     n = cfg.images
     out = {
         "cores": cores,
         "images": n,
+        "rounds": cfg.rounds,
+        "seconds_by_round": {k: [round(t, 2) for t in v] for k, v in times.items()},
         "a_parallel": {
             "one_core_loop_images_per_s": round(n / t_loop, 1),
             "job_images_per_s": round(n / t_job, 1),

@@ -26,7 +26,7 @@ import numpy as np
 
 from pipelines.producer.images import Rejected, decode_image, source_crops
 from pipelines.contract.manifest import commit_shard
-from pipelines.contract.retry import StorageUnavailable, counting, is_storage_fault
+from pipelines.contract.retry import STATS, StorageUnavailable, counting, is_storage_fault
 from pipelines.contract.shards import ShardRows
 from pipelines.producer.sources import WorkItem, read_item, sha256
 from pipelines.producer.worker import TokenizerSpec, TokenizerWorker
@@ -123,20 +123,39 @@ class _ChunkBuffer:
 def commit(item: WorkItem, output: str, fmt: str, variants, storage_options, chunks: int, *parts) -> tuple:
     """Write the item's shard and rejects, then its commit record (see :func:`commit_shard`);
     ``parts`` are the chunks' :class:`Prepared` then their tokens, in order. Returns (record, the
-    requests and retries of reading and writing the item)."""
+    requests and retries of reading the item; the writes are counted by :class:`Committer`)."""
     metas, tokens = parts[:chunks], parts[chunks:]
     keys = [k for m in metas for k in m.keys]
-    with counting() as io:
-        fs, root = filesystem(output, storage_options)
-        rows = None
-        if keys:
-            rows = ShardRows(keys, [x for m in metas for x in m.labels], [x for m in metas for x in m.sources],
-                             [x for m in metas for x in m.digests], np.concatenate([t for t in tokens if len(t)]))
-        rejects = [r for m in metas for r in m.rejects]
-        record = commit_shard(fs, root, item.shard, rows, fmt, variants, rejects, item.unit)
+    fs, root = filesystem(output, storage_options)
+    rows = None
+    if keys:
+        rows = ShardRows(keys, [x for m in metas for x in m.labels], [x for m in metas for x in m.sources],
+                         [x for m in metas for x in m.digests], np.concatenate([t for t in tokens if len(t)]))
+    rejects = [r for m in metas for r in m.rejects]
+    record = commit_shard(fs, root, item.shard, rows, fmt, variants, rejects, item.unit)
+    io = Counter()
     for m in metas:
         io.update(m.io)
     return record, io
+
+
+class Committer:
+    """Commits work items for the driver, many at once on threads.
+
+    An actor rather than a task per item: a commit waits on storage (fsync, PUT), not on a CPU. As
+    a task it would hold a share of a CPU slot that a decode task then cannot start in (on a 2-core
+    node that left a core idle for each commit's fsync), and as a zero-CPU task Ray would start and
+    stop worker processes for it around the decode tasks. The process's request counters are shared
+    by its threads, so its writes are reported once for the run (:meth:`requests`)."""
+
+    def commit(self, *args) -> tuple:
+        return commit(*args)
+
+    def requests(self) -> Counter:
+        return STATS.snapshot()
+
+
+COMMITS_IN_FLIGHT = 16  # per committer (one per node)
 
 
 class JobStopped(RuntimeError):
@@ -203,10 +222,23 @@ def start_workers(spec: TokenizerSpec, workers: int, gpus_per_worker: float, thr
     ]
 
 
+def start_committers() -> list:
+    """One :class:`Committer` per node (restarted by Ray if its process dies; a call it was running
+    is retried, and a commit is idempotent)."""
+    import ray
+
+    nodes = max(1, sum(1 for n in ray.nodes() if n["Alive"]))
+    committer = ray.remote(Committer).options(
+        num_cpus=0, max_concurrency=COMMITS_IN_FLIGHT, scheduling_strategy="SPREAD", max_restarts=-1, max_task_retries=3,
+    )
+    return [committer.remote() for _ in range(nodes)]
+
+
 def run_items(
     items: Sequence[WorkItem],
     *,
     actors: list,
+    committers: list,
     image_size: int,
     output: str,
     fmt: str,
@@ -235,7 +267,6 @@ def run_items(
     # Only an outage that outlasted the per-request retries reruns a task; other errors repeat.
     retry = dict(max_retries=3, retry_exceptions=[StorageUnavailable])
     prepare_task = ray.remote(prepare).options(num_cpus=1, **retry)  # a streaming generator of chunks
-    commit_task = ray.remote(commit).options(num_cpus=0.25, **retry)
 
     stats = RunStats()
     # Items are taken from ``items`` one at a time (a plan of millions of files is an Arrow table;
@@ -248,59 +279,61 @@ def run_items(
     bytes_in_flight = 0
     start = time.perf_counter()
     bar = tqdm(total=len(items), desc="tokenize", unit="shard", dynamic_ncols=True)
-    while head is not None or inflight or decoding:
-        while head is not None and (not (inflight or decoding) or (
-            len(decoding) < max_decoding and bytes_in_flight + head.bytes <= max_bytes_in_flight
-        )):
-            item, head = head, next(queue, None)
-            target = min(range(len(actors)), key=outstanding.__getitem__)
-            decoding[prepare_task.remote(item, variants, image_size, max_pixels, so, chunk_bytes)] = _Flight(item, target)
-            outstanding[target] += 1
-            bytes_in_flight += item.bytes
-        done, _ = ray.wait([*decoding, *inflight], num_returns=1)
-        if done[0] in decoding:  # a chunk (or the end) of an item being decoded
-            gen, flight = done[0], decoding[done[0]]
-            try:
-                ref = next(gen)
-            except StopIteration:  # decoded: its CPU is free for the next item; commit when encoded
-                del decoding[gen]
-                inflight[commit_task.remote(flight.item, output, fmt, variants, so, len(flight.metas),
-                                            *flight.metas, *flight.tokens)] = flight
+    try:
+        while head is not None or inflight or decoding:
+            while head is not None and (not (inflight or decoding) or (
+                len(decoding) < max_decoding and bytes_in_flight + head.bytes <= max_bytes_in_flight
+            )):
+                item, head = head, next(queue, None)
+                target = min(range(len(actors)), key=outstanding.__getitem__)
+                decoding[prepare_task.remote(item, variants, image_size, max_pixels, so, chunk_bytes)] = _Flight(item, target)
+                outstanding[target] += 1
+                bytes_in_flight += item.bytes
+            done, _ = ray.wait([*decoding, *inflight], num_returns=1)
+            if done[0] in decoding:  # a chunk (or the end) of an item being decoded
+                gen, flight = done[0], decoding[done[0]]
+                try:
+                    ref = next(gen)
+                except StopIteration:  # decoded: its CPU is free for the next item; commit when encoded
+                    del decoding[gen]
+                    committer = committers[len(inflight) % len(committers)].commit.options(retry_exceptions=[StorageUnavailable])
+                    inflight[committer.remote(flight.item, output, fmt, variants, so, len(flight.metas),
+                                              *flight.metas, *flight.tokens)] = flight
+                    continue
+                if len(flight.metas) == len(flight.tokens):  # crops: straight to the item's tokenizer
+                    flight.tokens.append(actors[flight.target].encode.remote(ref, variants))
+                else:
+                    flight.metas.append(ref)
                 continue
-            if len(flight.metas) == len(flight.tokens):  # crops: straight to the item's tokenizer
-                flight.tokens.append(actors[flight.target].encode.remote(ref, variants))
-            else:
-                flight.metas.append(ref)
-            continue
-        flight = inflight.pop(done[0])
-        item = flight.item
-        outstanding[flight.target] -= 1
-        bytes_in_flight -= item.bytes
-        try:
-            record, io = ray.get(done[0])
-        except Exception as e:  # noqa: BLE001 - sorted below: deterministic errors stop the job
-            if _repeats(e):
-                for ref in [*inflight, *decoding]:
-                    ray.cancel(ref)
-                bar.close()
-                raise JobStopped(
-                    f"work item {item.shard} ({item.unit}) failed with an error that would repeat: {_first_line(e)}. "
-                    "Committed items are kept; fix the cause and rerun the same command."
-                ) from None
-            log.error("work item %s (%s) failed: %s", item.shard, item.unit, _first_line(e))
-            stats.failed.append({"shard": item.shard, "unit": item.unit, "error": f"{type(e).__name__}: {e}"})
+            flight = inflight.pop(done[0])
+            item = flight.item
+            outstanding[flight.target] -= 1
+            bytes_in_flight -= item.bytes
+            try:
+                record, io = ray.get(done[0])
+            except Exception as e:  # noqa: BLE001 - sorted below: deterministic errors stop the job
+                if _repeats(e):
+                    for ref in [*inflight, *decoding]:
+                        ray.cancel(ref)
+                    raise JobStopped(
+                        f"work item {item.shard} ({item.unit}) failed with an error that would repeat: {_first_line(e)}. "
+                        "Committed items are kept; fix the cause and rerun the same command."
+                    ) from None
+                log.error("work item %s (%s) failed: %s", item.shard, item.unit, _first_line(e))
+                stats.failed.append({"shard": item.shard, "unit": item.unit, "error": f"{type(e).__name__}: {e}"})
+                bar.update(1)
+                continue
+            stats.records[record["shard"]] = record
+            stats.io.update(io)
+            stats.images += record["rows"]
+            stats.rejects.update(record["rejects_by_reason"])
+            stats.bytes += record["bytes"]
+            stats.shards += bool(record["path"])
+            elapsed = time.perf_counter() - start
+            bar.set_postfix(images=stats.images, rejects=sum(stats.rejects.values()), img_s=f"{stats.images / elapsed:.1f}")
             bar.update(1)
-            continue
-        stats.records[record["shard"]] = record
-        stats.io.update(io)
-        stats.images += record["rows"]
-        stats.rejects.update(record["rejects_by_reason"])
-        stats.bytes += record["bytes"]
-        stats.shards += bool(record["path"])
-        elapsed = time.perf_counter() - start
-        bar.set_postfix(images=stats.images, rejects=sum(stats.rejects.values()), img_s=f"{stats.images / elapsed:.1f}")
-        bar.update(1)
-    bar.close()
+    finally:
+        bar.close()
     stats.seconds = time.perf_counter() - start
     return stats
 

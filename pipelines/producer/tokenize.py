@@ -29,7 +29,7 @@ from pipelines.contract.manifest import (
     write_manifest,
 )
 from pipelines.producer.planning import Growth, Plan, extend, plan
-from pipelines.producer.ray_tokenize import CHUNK_BYTES, RunStats, run_items, start_workers
+from pipelines.producer.ray_tokenize import CHUNK_BYTES, RunStats, run_items, start_committers, start_workers
 from pipelines.producer.worker import TokenizerSpec
 from pipelines.contract.shards import SHARD_FORMATS
 from pipelines.producer.sources import Columns, detect_format
@@ -185,6 +185,7 @@ def run_tokenize(opts: TokenizeOptions) -> dict:
         # The actors load their weights while the driver lists and plans the input; the tokenizer's
         # fingerprint (which decides whether an existing output may be extended) is asked after.
         actors = start_workers(opts.spec, opts.workers, opts.gpus_per_worker, threads, opts.batch_size)
+        committers = start_committers()
         try:
             planned = _plan(opts, input_format)
             info = ray.get(actors[0].info.remote())
@@ -198,14 +199,16 @@ def run_tokenize(opts: TokenizeOptions) -> dict:
             stats = RunStats()
             if len(todo):
                 stats = run_items(
-                    todo, actors=actors, image_size=info["image_size"], output=opts.output, fmt=opts.format,
+                    todo, actors=actors, committers=committers, image_size=info["image_size"], output=opts.output, fmt=opts.format,
                     variants=variants, max_pixels=opts.max_pixels, storage_options=opts.storage_options,
                     # One decoding per CPU and one more queued behind each, so none waits for the driver.
                     max_decoding=2 * cpus,
                     max_bytes_in_flight=opts.max_bytes_in_flight, chunk_bytes=opts.chunk_bytes,
                 )
+            for counts in ray.get([c.requests.remote() for c in committers]):
+                stats.io.update(counts)  # the commits' writes (see Committer)
         finally:
-            for actor in actors:
+            for actor in [*actors, *committers]:
                 ray.kill(actor)
         commits.update(stats.records)
         # A failed call may still have committed (its result was lost, not its writes): ask.
