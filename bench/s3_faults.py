@@ -4,7 +4,9 @@ A local S3 server (moto, 127.0.0.1) holds a folder of photo-sized JPEGs, and a l
 same files. The same job (``tiny`` config) runs four times: local disk to local disk; S3 to S3
 straight to the server; through the fault-injecting proxy (``infra/s3_fault_proxy.py``) at the
 rates given; and through the proxy adding ``--latency-ms`` to every request (the round trip of a
-real object store). Printed: images/s of each and their ratios, requests per image, the retries the
+real object store). The server and the latency proxy run in processes of their own (as a store and a
+network would) and their CPU seconds per run are printed, since on this machine they take them from
+the same cores as the job. Printed: images/s of each and their ratios, requests per image, the retries the
 job counted by kind against the faults the proxy injected, and whether all outputs are identical
 shard for shard (they must be).
 
@@ -17,7 +19,10 @@ import json
 import logging
 import os
 import socket
+import subprocess
+import sys
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,13 +38,31 @@ log = logging.getLogger("bench.s3_faults")
 class BenchConfig:
     """Throughput and retries of an S3-to-S3 tokenization job, clean versus through injected faults."""
 
-    images: int = field(default=480, metadata={"help": "JPEGs in the input folder"})
+    images: int = field(default=1200, metadata={"help": "JPEGs in the input folder"})
     rows_per_shard: int = field(default=32, metadata={"help": "images per work item"})
     slowdown: float = field(default=0.05, metadata={"help": "rate of 503 SlowDown"})
     reset: float = field(default=0.02, metadata={"help": "rate of connections dropped after forwarding"})
     truncate: float = field(default=0.01, metadata={"help": "rate of bodies cut in half"})
     seed: int = field(default=0, metadata={"help": "the proxy's fault seed"})
     latency_ms: float = field(default=20.0, metadata={"help": "delay added to every request in the latency run"})
+
+
+def _wait_for(port: int, seconds: float = 60.0) -> None:
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _free_port() -> int:
@@ -53,45 +76,54 @@ def main(argv=None) -> dict:
     cfg = parse_config(BenchConfig, argv, description=__doc__)
     import boto3
     import s3fs
-    from moto.server import ThreadedMotoServer
 
     from infra.s3_fault_proxy import FaultProxy, FaultRates
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
     for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         os.environ.setdefault(k, "bench")
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
+    port, latency_port = _free_port(), _free_port()
     endpoint = f"http://127.0.0.1:{port}"
+    # The server and the latency proxy run as processes of their own, as a real store and network
+    # are: in this process they would share the driver's interpreter lock. Their CPU time is taken
+    # from the same 2 cores, so it is measured and reported per run.
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    slow = subprocess.Popen([sys.executable, "-m", "infra.s3_fault_proxy", "--upstream", endpoint, "--port",
+                             str(latency_port), "--slow", "1", "--slow-seconds", str(cfg.latency_ms / 1000)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
+        _wait_for(port)
+        _wait_for(latency_port)
         boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="bench")
         direct = {"client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"}}
         with tempfile.TemporaryDirectory() as tmp:
             write_jpegs(Path(tmp) / "in", cfg.images)
             s3fs.S3FileSystem(skip_instance_cache=True, **direct).put(f"{tmp}/in", "bench/in", recursive=True)
             faults = FaultRates(slowdown=cfg.slowdown, reset=cfg.reset, truncate=cfg.truncate)
-            latency = FaultRates(slow=1.0, slow_seconds=cfg.latency_ms / 1000)
-            with FaultProxy(endpoint, faults, seed=cfg.seed) as flaky, FaultProxy(endpoint, latency) as slow, ray_session():
-                def via(proxy):
-                    return {**direct, "client_kwargs": {**direct["client_kwargs"], "endpoint_url": proxy.endpoint}}
+            with FaultProxy(endpoint, faults, seed=cfg.seed) as flaky, ray_session():
+                def via(proxy_endpoint):
+                    return {**direct, "client_kwargs": {**direct["client_kwargs"], "endpoint_url": proxy_endpoint}}
 
                 runs = {"local": (f"{tmp}/in", f"{tmp}/out", {}), "clean": ("s3://bench/in", "s3://bench/out-clean", direct),
-                        "faults": ("s3://bench/in", "s3://bench/out-faults", via(flaky)),
-                        "latency": ("s3://bench/in", "s3://bench/out-latency", via(slow))}
+                        "faults": ("s3://bench/in", "s3://bench/out-faults", via(flaky.endpoint)),
+                        "latency": ("s3://bench/in", "s3://bench/out-latency", via(f"http://127.0.0.1:{latency_port}"))}
                 # A first run starts Ray's worker processes; it is not measured.
                 run(TokenizeConfig(input=f"{tmp}/in", output=f"{tmp}/warm-up", rows_per_shard=cfg.rows_per_shard))
-                summaries = {
-                    name: run(TokenizeConfig(input=src, output=dst, rows_per_shard=cfg.rows_per_shard,
-                                             storage_options=json.dumps(opts)))
-                    for name, (src, dst, opts) in runs.items()
-                }
+                summaries, server_cpu = {}, {}
+                for name, (src, dst, opts) in runs.items():
+                    before = _cpu_seconds(server.pid) + _cpu_seconds(slow.pid)
+                    summaries[name] = run(TokenizeConfig(input=src, output=dst, rows_per_shard=cfg.rows_per_shard,
+                                                         storage_options=json.dumps(opts)))
+                    server_cpu[name] = round(_cpu_seconds(server.pid) + _cpu_seconds(slow.pid) - before, 2)
                 injected = flaky.counts
             fs = s3fs.S3FileSystem(skip_instance_cache=True, **direct)
             shards = {n: json.loads(fs.cat_file(f"bench/out-{n}/manifest.json"))["shards"] for n in ("clean", "faults", "latency")}
             shards["local"] = json.loads((Path(tmp) / "out" / "manifest.json").read_text())["shards"]
     finally:
-        server.stop()
+        for proc in (slow, server):
+            proc.terminate()
+            proc.wait(timeout=30)
     speed = {n: summaries[n]["this_run"]["images_per_s"] for n in summaries}
     storage = summaries["faults"]["this_run"]["storage"]
     result = {
@@ -99,6 +131,9 @@ def main(argv=None) -> dict:
         "images_per_s": speed,
         "ratio_faults_vs_clean": round(speed["faults"] / speed["clean"], 3),
         f"ratio_s3_with_{cfg.latency_ms:g}ms_latency_vs_local_disk": round(speed["latency"] / speed["local"], 3),
+        "ratio_s3_with_latency_vs_clean_s3": round(speed["latency"] / speed["clean"], 3),
+        "server_and_latency_proxy_cpu_seconds": server_cpu,
+        "job_seconds": {n: summaries[n]["this_run"]["seconds"] for n in summaries},
         "requests_per_image": round(storage["requests"] / cfg.images, 2),
         "retries_counted": storage["retries_by_kind"],
         "faults_injected": {k: v for k, v in injected.items() if v and k != "max_in_flight"},
