@@ -20,14 +20,17 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipelines.contract.storage import call, filesystem, find
+from pipelines.contract.storage import call, filesystem, find, is_local
 from pipelines.producer.sources import (
     IMAGE_EXTS, Columns, InputError, WorkItem, is_local_url, lmdb_count, parquet_footer, url_of,
 )
@@ -115,12 +118,32 @@ def list_files(fs, root: str, keep: Callable[[str], bool]) -> pa.Table:
         if entry["type"] != "directory":
             name = entry["name"]
             return table([(name, int(entry["size"]))] if keep(name) else [])
+        if is_local(fs):
+            return table([(p, n) for p, n in _walk_local(entry["name"].rstrip("/")) if keep(p)])
         found = find(fs, entry["name"].rstrip("/"), detail=True)
         return table([(p, int(i["size"])) for p, i in found.items() if i.get("type") != "directory" and keep(p)])
 
     with ThreadPoolExecutor(max_workers=LISTINGS_IN_FLIGHT) as pool:
         parts = list(pool.map(below, entries))
     return pa.concat_tables(parts) if parts else table([])
+
+
+def _walk_local(top: str) -> list[tuple[str, int]]:
+    """(path, size) of every file under a local folder, as fsspec's ``find`` lists them: a linked
+    file is listed (it is refused at read time if it points out of the input), a linked folder is
+    not walked. ``os.scandir`` gives the sizes without the per-file info dicts that ``find`` builds."""
+    out, stack = [], [top]
+    while stack:
+        with os.scandir(stack.pop()) as entries:
+            for e in entries:
+                try:
+                    if e.is_dir(follow_symlinks=False):
+                        stack.append(e.path)
+                    elif not e.is_dir():
+                        out.append((e.path, e.stat().st_size))
+                except FileNotFoundError:  # a dangling link, or a file removed while listing
+                    continue
+    return out
 
 
 def _is_image(path: str) -> bool:
@@ -141,32 +164,14 @@ def list_input(url: str, fmt: str, storage_options: Mapping | None = None) -> tu
     return list_files(fs, root, _SUFFIX[fmt]), root
 
 
-def folder_classes(rel: list[str]) -> list[str]:
-    """Class names of an ImageNet-style folder (sorted subfolder names: label i is ``classes[i]``),
-    or [] when some image lies directly under the root (then no image is labelled)."""
-    if not rel or any("/" not in r for r in rel):
-        return []
-    return sorted({r.split("/", 1)[0] for r in rel})
-
-
 def _rel(base: str, path: str) -> str:
     return path[len(base) :].lstrip("/") if path.startswith(base) else path
 
 
-def _rows(url: str, fmt: str, listing: pa.Table, base: str, rows_per_shard: int, columns: Columns,
-          classes: list[str], storage_options) -> list[dict]:
-    """Work item rows for ``listing`` (shard names are given by the caller)."""
+def _rows(url: str, fmt: str, listing: pa.Table, base: str, columns: Columns, storage_options) -> list[dict]:
+    """Work item rows of a tar or Parquet listing (few files: Python objects are fine)."""
     fs, _ = filesystem(url, storage_options)
     paths, sizes = listing.column("path").to_pylist(), listing.column("size").to_pylist()
-    if fmt == "folder":
-        rows = []
-        index = {c: i for i, c in enumerate(classes)}
-        for s in range(0, len(paths), rows_per_shard):
-            rel = [_rel(base, p) for p in paths[s : s + rows_per_shard]]
-            labels = [index.get(r.split("/", 1)[0], -1) if "/" in r else -1 for r in rel] if classes else [-1] * len(rel)
-            part = sizes[s : s + rows_per_shard]
-            rows.append(dict(kind=fmt, url=url, files=rel, labels=labels, sizes=part, unit=None, bytes=sum(part)))
-        return rows
     if fmt == "webdataset":
         return [dict(kind=fmt, url=url_of(fs, p), unit=_rel(base, p)[: -len(".tar")], bytes=n, sizes=[n])
                 for p, n in zip(paths, sizes)]
@@ -186,24 +191,64 @@ def _table(rows: list[dict], first_shard: int) -> pa.Table:
     defaults = dict(start=0, stop=0, files=[], labels=[], sizes=[], unit="", bytes=0, columns=["", "", ""])
     out = []
     for k, row in enumerate(rows):
-        row = {**defaults, **{k2: v for k2, v in row.items() if v is not None}, "shard": shard_name(first_shard + k)}
-        if row["kind"] == "folder":
-            row.update(start=0, stop=len(row["files"]))
-        out.append(row)
+        out.append({**defaults, **{k2: v for k2, v in row.items() if v is not None}, "shard": shard_name(first_shard + k)})
     return pa.Table.from_pylist(out, schema=PLAN_SCHEMA)
 
 
-def _number_folder_items(table: pa.Table) -> pa.Table:
-    """A folder item's unit is ``<url>#<index of its first file>`` and start/stop its file range."""
-    counts = table.column("files").combine_chunks().value_lengths().to_pylist() if table.num_rows else []
-    starts, total = [], 0
-    for c in counts:
-        starts.append(total)
-        total += c
-    urls = table.column("url").to_pylist()
-    table = table.set_column(table.schema.get_field_index("start"), "start", pa.array(starts, pa.int64()))
-    table = table.set_column(table.schema.get_field_index("stop"), "stop", pa.array([s + c for s, c in zip(starts, counts)], pa.int64()))
-    return table.set_column(table.schema.get_field_index("unit"), "unit", pa.array([f"{u}#{s}" for u, s in zip(urls, starts)]))
+def _relative(listing: pa.Table, base: str) -> pa.Array:
+    """The listing's paths relative to ``base``, computed in Arrow (no Python string per file)."""
+    paths = listing.column("path").combine_chunks().cast(pa.large_string())
+    return pc.utf8_slice_codeunits(paths, len(base.rstrip("/")) + 1)
+
+
+def _first_parts(rel: pa.Array) -> tuple[pa.Array, pa.Array]:
+    """(the first component of each relative path, whether the path has one below the root)."""
+    nested = pc.match_substring(rel, "/")
+    return pc.list_element(pc.split_pattern(rel, "/", max_splits=1), 0), nested
+
+
+def _folder_classes(rel: pa.Array) -> list[str]:
+    """Class names of an ImageNet-style folder (sorted subfolder names: label i is ``classes[i]``),
+    or [] when some image lies directly under the root (then no image is labelled)."""
+    if not len(rel):
+        return []
+    first, nested = _first_parts(rel)
+    if not pc.all(nested).as_py():
+        return []
+    return sorted(pc.unique(first).to_pylist())
+
+
+def _folder_table(url: str, rel: pa.Array, sizes: pa.Array, classes: list[str], rows_per_shard: int,
+                  first_shard: int, first_file: int) -> pa.Table:
+    """Work items of a folder's files, ``rows_per_shard`` each, built as Arrow arrays: a 14M-file
+    plan never becomes 14M Python strings. A file's label is its class folder's index in
+    ``classes`` (-1: no class). Item k covers files ``first_file + k*rows_per_shard ...`` of the plan."""
+    if isinstance(rel, pa.ChunkedArray):
+        rel = rel.combine_chunks()
+    n = len(rel)
+    if classes:
+        first, nested = _first_parts(rel)
+        index = pc.index_in(first, value_set=pa.array(classes, pa.large_string()))
+        labels = pc.if_else(nested, pc.fill_null(index, -1), -1).cast(pa.int32())
+    else:
+        labels = pa.array(np.full(n, -1, np.int32))
+    starts = np.arange(0, n, rows_per_shard, dtype=np.int64)
+    offsets = pa.array(np.append(starts, n).astype(np.int32))
+    size_values = sizes.to_numpy(zero_copy_only=False).astype(np.int64)
+    k = len(starts)
+    begin = first_file + starts
+    return pa.table({
+        "shard": pa.array([shard_name(first_shard + i) for i in range(k)], pa.string()),
+        "kind": pa.array(["folder"] * k, pa.string()),
+        "url": pa.array([url] * k, pa.string()),
+        "start": pa.array(begin), "stop": pa.array(begin + np.diff(np.append(starts, n))),
+        "files": pa.ListArray.from_arrays(offsets, rel.cast(pa.string())),
+        "labels": pa.ListArray.from_arrays(offsets, labels),
+        "sizes": pa.ListArray.from_arrays(offsets, pa.array(size_values)),
+        "unit": pa.array([f"{url}#{b}" for b in begin.tolist()], pa.string()),
+        "bytes": pa.array(np.add.reduceat(size_values, starts) if n else np.zeros(0, np.int64)),
+        "columns": pa.array([["", "", ""]] * k, pa.list_(pa.string())),
+    }, schema=PLAN_SCHEMA)
 
 
 def plan(
@@ -217,22 +262,11 @@ def plan(
     if fmt not in _SUFFIX:
         raise ValueError(f"unknown input format {fmt!r}")
     listing, base = list_input(url, fmt, storage_options)
-    classes = []
     if fmt == "folder":
-        classes = _classes_of(listing, base)
-    table = _table(_rows(url, fmt, listing, base, rows_per_shard, columns, classes, storage_options), 0)
-    return Plan(_number_folder_items(table) if fmt == "folder" else table, classes)
-
-
-def _classes_of(listing: pa.Table, base: str) -> list[str]:
-    seen, top_level = set(), False
-    for p in listing.column("path").to_pylist():
-        r = _rel(base, p)
-        if "/" not in r:
-            top_level = True
-            break
-        seen.add(r.split("/", 1)[0])
-    return [] if top_level else sorted(seen)
+        rel = _relative(listing, base)
+        classes = _folder_classes(rel)
+        return Plan(_folder_table(url, rel, listing.column("size"), classes, rows_per_shard, 0, 0), classes)
+    return Plan(_table(_rows(url, fmt, listing, base, columns, storage_options), 0), [])
 
 
 def _plan_lmdb(url: str, rows_per_shard: int, first_record: int, first_shard: int) -> Plan:
@@ -264,46 +298,54 @@ class Growth:
                 "changed": len(self.changed), "changed_examples": self.changed[:limit]}
 
 
-def _planned_inputs(stored: Plan, fmt: str) -> dict[str, int]:
-    """Planned input -> its size when planned (folder: relative path; tar/Parquet: URL)."""
+def _planned(stored: Plan, fmt: str) -> pa.Table:
+    """(name, size) of the planned inputs (folder: relative path; tar, Parquet: URL), sizes when planned."""
     t = stored.table
     if fmt == "folder":
-        files = t.column("files").combine_chunks().flatten().to_pylist()
-        sizes = t.column("sizes").combine_chunks().flatten().to_pylist()
-        return dict(zip(files, sizes))
-    return {u: (s[0] if s else -1) for u, s in zip(t.column("url").to_pylist(), t.column("sizes").to_pylist())}
+        return pa.table({"name": t.column("files").combine_chunks().flatten().cast(pa.large_string()),
+                         "size": t.column("sizes").combine_chunks().flatten()})
+    sizes = dict(zip(t.column("url").to_pylist(), (s[0] if s else -1 for s in t.column("sizes").to_pylist())))
+    return pa.table({"name": pa.array(list(sizes), pa.large_string()), "size": pa.array(list(sizes.values()), pa.int64())})
 
 
 def extend(stored: Plan, url: str, fmt: str, rows_per_shard: int, storage_options: Mapping | None = None,
            columns: Columns = Columns()) -> Growth:
     """The stored plan plus work items for the inputs that appeared since it was made (numbered
     after the planned ones, so nothing committed is redone or renamed); inputs that vanished or
-    changed size are listed, never re-planned."""
+    changed size are listed, never re-planned. Compared in Arrow, as planning builds."""
     if fmt == "lmdb":
         done = max(stored.table.column("stop").to_pylist(), default=0)
         more = _plan_lmdb(url, rows_per_shard, done, len(stored))
         new = Plan(pa.concat_tables([stored.table, more.table]), [])
         return Growth(new, len(more), sum(i.stop - i.start for i in more))
     listing, base = list_input(url, fmt, storage_options)
-    planned = _planned_inputs(stored, fmt)
     fs, _ = filesystem(url, storage_options)
-    names = [_rel(base, p) if fmt == "folder" else url_of(fs, p) for p in listing.column("path").to_pylist()]
-    sizes = listing.column("size").to_pylist()
-    now = dict(zip(names, sizes))
-    fresh = [i for i, n in enumerate(names) if n not in planned]
-    growth = Growth(stored, vanished=sorted(n for n in planned if n not in now),
-                    changed=sorted(n for n, s in planned.items() if n in now and now[n] != s))
-    if not fresh:
-        return growth
-    classes = list(stored.classes)
-    if fmt == "folder" and classes:
-        top = sorted({names[i].split("/", 1)[0] for i in fresh if "/" in names[i]} - set(classes))
-        classes += top  # appended: the labels already written keep their meaning
-        growth.new_classes = top
-    rows = _rows(url, fmt, listing.take(fresh), base, rows_per_shard, columns, classes, storage_options)
-    table = _table(rows, len(stored))
     if fmt == "folder":
-        table = _number_folder_items(pa.concat_tables([stored.table, table])).slice(len(stored))
+        names = _relative(listing, base)
+    else:
+        names = pa.array([url_of(fs, p) for p in listing.column("path").to_pylist()], pa.large_string())
+    now = pa.table({"name": names, "size": listing.column("size").combine_chunks()})
+    planned = _planned(stored, fmt)
+    both = planned.join(now, "name", join_type="inner", left_suffix="_planned", right_suffix="_now")
+    changed = both.filter(pc.not_equal(both.column("size_planned"), both.column("size_now"))).column("name")
+    vanished = pc.filter(planned.column("name"), pc.invert(pc.is_in(planned.column("name"), value_set=now.column("name"))))
+    fresh = pc.invert(pc.is_in(now.column("name"), value_set=planned.column("name")))
+    growth = Growth(stored, vanished=sorted(vanished.to_pylist()), changed=sorted(changed.to_pylist()))
+    if not pc.any(fresh).as_py():
+        return growth
+    added = listing.filter(fresh)
+    classes = list(stored.classes)
+    if fmt == "folder":
+        rel = names.filter(fresh)
+        if classes:
+            first, nested = _first_parts(rel.combine_chunks() if isinstance(rel, pa.ChunkedArray) else rel)
+            new_classes = sorted(set(pc.unique(first.filter(nested)).to_pylist()) - set(classes))
+            classes += new_classes  # appended: the labels already written keep their meaning
+            growth.new_classes = new_classes
+        planned_files = sum(pc.list_value_length(stored.table.column("files")).to_pylist())
+        table = _folder_table(url, rel, added.column("size"), classes, rows_per_shard, len(stored), planned_files)
+    else:
+        table = _table(_rows(url, fmt, added, base, columns, storage_options), len(stored))
     growth.plan = Plan(pa.concat_tables([stored.table, table]), classes)
-    growth.new_items, growth.new_inputs = len(table), len(fresh)
+    growth.new_items, growth.new_inputs = len(table), len(added)
     return growth

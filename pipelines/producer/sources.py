@@ -48,6 +48,7 @@ MAX_INPUT_BYTES = 256 << 20  # one encoded image; far above any real photo, far 
 MAX_KEY_BYTES = 1024
 MAX_LABEL_BYTES = 32  # a WebDataset ``cls`` member: an integer in text
 INT32 = (-(2**31), 2**31 - 1)
+DETECT_LISTINGS = 32  # folders listed at most to detect an input's layout
 FOLDER_READS_IN_FLIGHT = 16  # GETs a task keeps open reading a remote folder (also bounded per process)
 
 
@@ -109,24 +110,31 @@ class RawSample:
 
 
 def detect_format(url: str, storage_options: Mapping | None = None) -> str:
+    """The input's layout, from its top level and, where that holds only folders, the first few
+    folders below (breadth first, a bounded number of listings: a 14M-file input is not listed
+    whole just to learn that it holds JPEGs)."""
     fs, root = filesystem(url, storage_options)
     if call(fs, "isfile", root):
         for fmt, suffix in (("webdataset", ".tar"), ("parquet", ".parquet")):
             if root.endswith(suffix):
                 return fmt
         raise InputError(f"cannot tell the format of {url}; pass --input-format")
-    names = [p.rsplit("/", 1)[-1] for p in find(fs, root)]
-    if not names:
+    if not call(fs, "exists", root):
         raise InputError(f"{url} does not exist or is empty")
-    if "data.mdb" in names:
-        return "lmdb"
-    if any(n.endswith(".tar") for n in names):
-        return "webdataset"
-    if any(n.endswith(".parquet") for n in names):
-        return "parquet"
-    if any(n.rsplit(".", 1)[-1].lower() in IMAGE_EXTS for n in names):
-        return "folder"
-    raise InputError(f"found no images, .tar, .parquet or LMDB under {url}")
+    folders, listed = [root], 0
+    while folders and listed < DETECT_LISTINGS:
+        entries = call(fs, "ls", folders.pop(0), detail=True)
+        listed += 1
+        names = [e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e["type"] != "directory"]
+        if "data.mdb" in names:
+            return "lmdb"
+        for fmt, found in (("webdataset", lambda n: n.endswith(".tar")), ("parquet", lambda n: n.endswith(".parquet")),
+                           ("folder", lambda n: n.rsplit(".", 1)[-1].lower() in IMAGE_EXTS)):
+            if any(map(found, names)):
+                return fmt
+        folders += sorted(e["name"].rstrip("/") for e in entries if e["type"] == "directory" and e["name"].rstrip("/") != root)
+    raise InputError(f"found no images, .tar, .parquet or LMDB under {url} (looked in {listed} folders); "
+                     "pass --input-format if they lie deeper")
 
 
 def is_local_url(url: str) -> bool:
