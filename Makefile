@@ -35,6 +35,10 @@ bench: $(VENV)/.ready-bench  ## benchmarks (print side-by-side ratios)
 	$(PY) -m bench.loader
 	$(PY) -m bench.kernels
 	$(PY) -m bench.s3_faults
+	$(PY) -m bench.efficiency
+	$(PY) -m bench.ray_data
+	$(PY) -m bench.bf16_agreement
+	$(PY) -m bench.dry_run
 
 clean:
 	rm -rf out .pytest_cache

@@ -88,7 +88,10 @@ def test_driver_killed_at_random_points_then_rerun(source, s3_endpoint, tmp_path
     for point in points:
         out = f"killed-at-{point}"
         cmd = [sys.executable, "-m", "jobs.tokenize", "--input", f"s3://{bucket}/in", "--output", f"s3://{bucket}/{out}",
-               "--rows-per-shard", str(ROWS_PER_SHARD), "--storage-options", f"@{options}"]
+               "--rows-per-shard", str(ROWS_PER_SHARD), "--storage-options", f"@{options}",
+               # One item in flight at a time, so that commits land one by one and the kill falls
+               # mid-job (the output does not depend on it).
+               "--max-bytes-in-flight", "1"]
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.time() + 120
