@@ -119,7 +119,7 @@ def run(cfg: BenchConfig) -> dict:
                 times["feed"].append(run_items(
                     items, actors=actors, committers=committers, image_size=336, output=str(tmp / f"feed-{r}"), fmt="parquet",
                     variants=variants, max_pixels=DEFAULT_MAX_PIXELS, storage_options=None, max_decoding=2 * cores,
-                    max_bytes_in_flight=4 << 30,
+                    max_bytes_in_flight=4 << 30, forward_images=cfg.batch_size // len(variants),
                 ).seconds)
     t_loop, t_bare, t_job, t_feed = (statistics.median(times[k]) for k in ("loop", "bare", "job", "feed"))
     n = cfg.images

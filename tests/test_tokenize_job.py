@@ -174,7 +174,8 @@ def test_worker_killed_mid_job_still_exactly_once(tmp_path, ray_cluster):
 
     out = tmp_path / "out"
     result: dict = {}
-    job = threading.Thread(target=lambda: result.update(_job(tmp_path / "in", out)))
+    # One item in flight: the actor's queue stays short, so asking its pid does not wait for the job.
+    job = threading.Thread(target=lambda: result.update(_job(tmp_path / "in", out, max_bytes_in_flight=1)))
     job.start()
     commits = out / "_state" / "commits"
     deadline = time.time() + 60

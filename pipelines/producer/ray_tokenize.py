@@ -49,21 +49,21 @@ CHUNK_BYTES = 64 << 20  # source-crop bytes per encode call: ~190 images at 336 
 
 
 def prepare(item: WorkItem, variants: tuple[str, ...], size: int, max_pixels: int, storage_options,
-            chunk_bytes: int = CHUNK_BYTES) -> Iterator:
+            chunk_bytes: int = CHUNK_BYTES, forward_images: int = 1) -> Iterator:
     """Read, decode and crop one work item, yielding it in chunks: for each chunk its source crops
     ``{name: uint8 (N, H, W, 3)}`` then its :class:`Prepared` metadata (two objects, so the crops
     can go to a tokenizer while the metadata waits for the commit). At least one pair is yielded.
 
     Only the source crops travel to the tokenizer (one per image for centre and flip, the 1.1x crop
     for ten-crop): the variants are windows of them, cut on the tokenizer's device. A chunk holds at
-    most ``chunk_bytes`` of crops (and at least one image), so a 10,000-image tar becomes many
+    most ``chunk_bytes`` of crops, in whole forwards of ``forward_images`` (at least one forward), so a 10,000-image tar becomes many
     bounded objects that the tokenizer starts on while the rest is still being decoded, never one
     object of gigabytes. Run as a Ray streaming generator: the driver sees each chunk as it lands.
     The last chunk may be empty (it carries the item's remaining rejects and its request counts).
     A yielded crops dict is valid until the generator resumes (its arrays are reused, see
     :class:`_ChunkBuffer`): Ray copies it into the object store at once; a local caller must copy."""
     meta = Prepared([], [], [], [], [])
-    chunk = _ChunkBuffer(chunk_bytes)
+    chunk = _ChunkBuffer(chunk_bytes, forward_images)
     with counting() as io:
         for sample in read_item(item, storage_options):
             reason, error = sample.error or (None, None)
@@ -97,13 +97,13 @@ class _ChunkBuffer:
 
     _arrays: dict = {}  # (source name, crop shape, capacity) -> reused array, per process
 
-    def __init__(self, chunk_bytes: int):
-        self.chunk_bytes, self.n, self.views = chunk_bytes, 0, {}
+    def __init__(self, chunk_bytes: int, forward_images: int):
+        self.chunk_bytes, self.forward, self.n, self.views = chunk_bytes, max(1, forward_images), 0, {}
 
     def add(self, crops: dict[str, np.ndarray]) -> None:
         if not self.views:
             per_image = sum(c.nbytes for c in crops.values())
-            capacity = max(1, -(-self.chunk_bytes // per_image))
+            capacity = max(1, self.chunk_bytes // per_image) // self.forward * self.forward or self.forward
             self.views = {name: self._arrays.setdefault((name, c.shape, capacity), np.empty((capacity, *c.shape), c.dtype))
                           for name, c in crops.items()}
         for name, c in crops.items():
@@ -180,10 +180,11 @@ def _first_line(error: Exception) -> str:
 
 @dataclass
 class _Flight:
-    """An item in flight: its tokenizer, and the refs of its chunks' metadata and tokens so far."""
+    """An item in flight: the refs of its chunks' metadata and tokens so far, and the tokenizer
+    each chunk went to."""
 
     item: WorkItem
-    target: int
+    targets: list = field(default_factory=list)
     metas: list = field(default_factory=list)
     tokens: list = field(default_factory=list)
 
@@ -248,6 +249,7 @@ def run_items(
     max_decoding: int,
     max_bytes_in_flight: int,
     chunk_bytes: int = CHUNK_BYTES,
+    forward_images: int = 1,
 ) -> RunStats:
     """Process ``items`` with ``actors``; returns counts (items failed by the store's weather are
     listed; an error that would repeat raises :class:`JobStopped`).
@@ -256,9 +258,12 @@ def run_items(
     decoded and cropped (sized by the cluster's CPUs, so every CPU stays busy however many
     tokenizers there are) and the input bytes of all items in flight, decoded ones waiting for a
     tokenizer included, stay within ``max_bytes_in_flight`` (so the object store cannot fill up);
-    one item is always admitted. Dispatch: each item goes to the tokenizer with the fewest items
-    outstanding, so a slow or restarting actor does not hold a queue of work the others could do;
-    its chunks (``chunk_bytes`` of crops each, see :func:`prepare`) go there as they are decoded.
+    one item is always admitted. Dispatch: each chunk (``chunk_bytes`` of crops in whole forwards of
+    ``forward_images``, see :func:`prepare`) goes, as soon as it is decoded, to the tokenizer with
+    the fewest chunks outstanding (counted until their item commits: the driver wakes per chunk
+    decoded and per item committed, not per chunk encoded), so a slow or restarting actor does not
+    hold a queue of work the others could do, and the tokenizers finish together. The driver waits on references without
+    fetching them (a chunk never travels to the driver's node).
     """
     import ray
     from tqdm import tqdm
@@ -275,7 +280,7 @@ def run_items(
     head = next(queue, None)
     decoding: dict = {}  # chunk generator of an item still being read and decoded -> its _Flight
     inflight: dict = {}  # commit ref -> its _Flight
-    outstanding = [0] * len(actors)
+    outstanding = [0] * len(actors)  # chunks sent to each tokenizer whose items are not committed
     bytes_in_flight = 0
     start = time.perf_counter()
     bar = tqdm(total=len(items), desc="tokenize", unit="shard", dynamic_ncols=True)
@@ -285,11 +290,10 @@ def run_items(
                 len(decoding) < max_decoding and bytes_in_flight + head.bytes <= max_bytes_in_flight
             )):
                 item, head = head, next(queue, None)
-                target = min(range(len(actors)), key=outstanding.__getitem__)
-                decoding[prepare_task.remote(item, variants, image_size, max_pixels, so, chunk_bytes)] = _Flight(item, target)
-                outstanding[target] += 1
+                gen = prepare_task.remote(item, variants, image_size, max_pixels, so, chunk_bytes, forward_images)
+                decoding[gen] = _Flight(item)
                 bytes_in_flight += item.bytes
-            done, _ = ray.wait([*decoding, *inflight], num_returns=1)
+            done, _ = ray.wait([*decoding, *inflight], num_returns=1, fetch_local=False)
             if done[0] in decoding:  # a chunk (or the end) of an item being decoded
                 gen, flight = done[0], decoding[done[0]]
                 try:
@@ -300,15 +304,19 @@ def run_items(
                     inflight[committer.remote(flight.item, output, fmt, variants, so, len(flight.metas),
                                               *flight.metas, *flight.tokens)] = flight
                     continue
-                if len(flight.metas) == len(flight.tokens):  # crops: straight to the item's tokenizer
-                    flight.tokens.append(actors[flight.target].encode.remote(ref, variants))
+                if len(flight.metas) == len(flight.tokens):  # crops: to the least-loaded tokenizer
+                    target = min(range(len(actors)), key=outstanding.__getitem__)
+                    flight.tokens.append(actors[target].encode.remote(ref, variants))
+                    flight.targets.append(target)
+                    outstanding[target] += 1
                 else:
                     flight.metas.append(ref)
                 continue
             flight = inflight.pop(done[0])
             item = flight.item
-            outstanding[flight.target] -= 1
             bytes_in_flight -= item.bytes
+            for target in flight.targets:
+                outstanding[target] -= 1
             try:
                 record, io = ray.get(done[0])
             except Exception as e:  # noqa: BLE001 - sorted below: deterministic errors stop the job

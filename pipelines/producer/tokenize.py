@@ -204,6 +204,7 @@ def run_tokenize(opts: TokenizeOptions) -> dict:
                     # One decoding per CPU and one more queued behind each, so none waits for the driver.
                     max_decoding=2 * cpus,
                     max_bytes_in_flight=opts.max_bytes_in_flight, chunk_bytes=opts.chunk_bytes,
+                    forward_images=max(1, opts.batch_size // len(variants)),  # as the tokenizer batches
                 )
             for counts in ray.get([c.requests.remote() for c in committers]):
                 stats.io.update(counts)  # the commits' writes (see Committer)
