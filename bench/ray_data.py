@@ -14,9 +14,8 @@ per-image CPU work (``read_item``, ``decode_image``, ``source_crops``, the input
 (a) our executor: ``run_items`` with the stand-in actors, writing real shards and commit records;
 (b) Ray Data: ``from_items(work items) -> map_batches(decode, num_cpus=1) -> map_batches(stand-in,
     ActorPoolStrategy) -> map_batches(commit)``, one row per work item, so one shard per item,
-    written by :func:`pipelines.contract.manifest.commit_shard` as (a) writes it. Its decode step
-    fills per-process crop arrays reused item after item, as (a)'s ``prepare`` does, so that
-    neither pays for mapping fresh pages the other does not;
+    decoded by the job's ``prepare`` (one chunk per item) and written by its ``commit``, so both
+    do the same work per image and write the same bytes;
 (b2) the same with Ray Data's per-operator resource reservation off: by default it holds CPUs
     back for the operators after decoding, which on a small node caps the decode operator;
 (c) the bare baseline: a single-process loop of that per-image work (nothing stacked, shipped or
@@ -53,14 +52,12 @@ import numpy as np  # noqa: E402
 
 from bench.pipeline import write_jpegs  # noqa: E402
 from jobs.cli import parse_config, setup_logging  # noqa: E402
-from pipelines.contract.manifest import commit_path, commit_shard  # noqa: E402
-from pipelines.contract.shards import ShardRows  # noqa: E402
-from pipelines.contract.storage import filesystem  # noqa: E402
+from pipelines.contract.manifest import commit_path  # noqa: E402
 from pipelines.producer.planning import plan  # noqa: E402
 from pipelines.producer.images import (  # noqa: E402
-    DEFAULT_MAX_PIXELS, Rejected, decode_image, expand_variants, source_crops, variant_windows,
+    DEFAULT_MAX_PIXELS, Rejected, decode_image, expand_variants, source_crops, tencrop_size, variant_windows,
 )
-from pipelines.producer.ray_tokenize import run_items, start_committers  # noqa: E402
+from pipelines.producer.ray_tokenize import Prepared, commit, prepare, run_items, start_committers  # noqa: E402
 from pipelines.producer.sources import WorkItem, read_item, sha256  # noqa: E402
 from pipelines.ray_runtime import ray_session  # noqa: E402
 
@@ -162,55 +159,16 @@ def our_executor(items: list[WorkItem], out: str, cfg: BenchConfig, variants: tu
 
 # --- (b) Ray Data: one row per work item, so one block per item and one shard per row ------------
 
-@dataclass
-class ItemMeta:
-    """What the commit needs besides the tokens (the fields of a shard row, and the rejects)."""
-
-    keys: list[str] = field(default_factory=list)
-    labels: list[int | None] = field(default_factory=list)
-    sources: list[str] = field(default_factory=list)
-    digests: list[bytes] = field(default_factory=list)
-    rejects: list[dict] = field(default_factory=list)
-
-
-_CROPS: dict = {}  # source name -> this process's crop array, reused item after item
-
-
-def _slot(name: str, crop: np.ndarray, n: int, capacity: int) -> np.ndarray:
-    """This process's array for ``name`` with room for ``n + 1`` crops (grown by doubling)."""
-    arr = _CROPS.get(name)
-    if arr is None or arr.shape[1:] != crop.shape or len(arr) <= n:
-        grown = np.empty((max(capacity, 2 * n, 1), *crop.shape), crop.dtype)
-        if arr is not None and arr.shape[1:] == crop.shape:
-            grown[:n] = arr[:n]
-        arr = _CROPS[name] = grown
-    return arr
-
-
-def decode_item(item: WorkItem, variants: tuple[str, ...], size: int) -> tuple[dict[str, np.ndarray], ItemMeta]:
-    """One work item -> ({source name: uint8 (N, H, W, 3)}, ItemMeta), the crops being views of
-    this process's reused arrays (valid until the next call), with rejects recorded as the job
+def decode_item(item: WorkItem, variants: tuple[str, ...], size: int) -> tuple[dict[str, np.ndarray], Prepared]:
+    """One work item -> ({source name: uint8 (N, H, W, 3)}, Prepared) by the job's own ``prepare``,
+    asked for a single chunk (room for one more than the item's files, so that the chunk never
+    fills and ``prepare`` yields exactly one crops-metadata pair): the crops are views of that
+    process's reused arrays, valid until its next call, and the rejects are recorded as the job
     records them."""
-    meta = ItemMeta()
-    n = 0
-    for sample in read_item(item):
-        reason, error = sample.error or (None, None)
-        if reason is None:
-            try:
-                crops = source_crops(decode_image(sample.data, DEFAULT_MAX_PIXELS), size, variants)
-            except Rejected as e:
-                reason, error = e.reason, str(e)
-        if reason is not None:
-            meta.rejects.append({"key": sample.key, "source": sample.source, "reason": reason, "error": error})
-            continue
-        for name, crop in crops.items():
-            _slot(name, crop, n, len(item.files))[n] = crop
-        n += 1
-        meta.keys.append(sample.key)
-        meta.labels.append(sample.label)
-        meta.sources.append(sample.source)
-        meta.digests.append(sha256(sample.data))
-    return {name: _CROPS[name][:n] for name in source_names(size, variants) if name in _CROPS}, meta
+    sides = {"center": size, "tencrop": tencrop_size(size)}
+    per_image = sum(3 * sides[name] ** 2 for name in source_names(size, variants))
+    crops, meta = prepare(item, variants, size, DEFAULT_MAX_PIXELS, None, chunk_bytes=(len(item.files) + 1) * per_image)
+    return crops, meta
 
 
 def _decode_rows(batch: dict, variants: tuple[str, ...], size: int, names: list[str]) -> dict:
@@ -225,7 +183,7 @@ def _decode_rows(batch: dict, variants: tuple[str, ...], size: int, names: list[
         crops, meta = decode_item(WorkItem.from_dict(json.loads(text)), variants, size)
         out["decode_t"].append((t0, time.time()))
         out["item"].append(text)
-        out["meta"].append(pickle.dumps(asdict(meta)))  # a dict: run as __main__, ItemMeta has no importable name
+        out["meta"].append(pickle.dumps(meta))
         for n in names:
             c = crops.get(n, np.zeros((0, size, size, 3), np.uint8))
             out[n].append(c if rows == 1 else c.copy())
@@ -249,20 +207,12 @@ class ZeroEncoderUDF:
         return {"item": batch["item"], "meta": batch["meta"], "decode_t": batch["decode_t"], "tokens": np.stack(tokens)}
 
 
-def commit_item(item: WorkItem, meta: ItemMeta, tokens: np.ndarray, output: str, variants: tuple[str, ...]) -> dict:
-    """The item's shard, rejects and commit record, written by ``commit_shard`` from the same
-    fields as (a)'s commit task, so (a) and (b) must write the same bytes."""
-    fs, root = filesystem(output, None)
-    rows = ShardRows(meta.keys, meta.labels, meta.sources, meta.digests, tokens) if meta.keys else None
-    return commit_shard(fs, root, item.shard, rows, FORMAT, variants, meta.rejects, item.unit)
-
-
 def _commit_rows(batch: dict, output: str, variants: tuple[str, ...]) -> dict:
     """Each row's commit; rows out are the records' scalars only (tensor shapes differ between
     items; scalars keep the output blocks uniform)."""
     out: dict[str, list] = {"shard": [], "rows": [], "sha256": [], "decode_t": list(batch["decode_t"])}
     for text, blob, tokens in zip(batch["item"], batch["meta"], batch["tokens"]):
-        record = commit_item(WorkItem.from_dict(json.loads(text)), ItemMeta(**pickle.loads(blob)), tokens, output, variants)
+        record, _ = commit(WorkItem.from_dict(json.loads(text)), output, FORMAT, variants, None, 1, pickle.loads(blob), tokens)
         out["shard"].append(record["shard"])
         out["rows"].append(record["rows"])
         out["sha256"].append(record["sha256"] or "")

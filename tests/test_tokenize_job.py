@@ -19,7 +19,6 @@ import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
 import pytest
-import torch
 
 from jobs.tokenize import TokenizeConfig, run
 from pipelines.producer.images import decode_image, make_variants

@@ -157,8 +157,6 @@ def list_input(url: str, fmt: str, storage_options: Mapping | None = None) -> tu
     """(files of the input that ``fmt`` reads, as (path, size) sorted; the folder keys are relative
     to). A single-file input is its own listing."""
     fs, root = filesystem(url, storage_options)
-    if fmt == "lmdb":
-        return pa.table({"path": pa.array([], pa.string()), "size": pa.array([], pa.int64())}), root
     if call(fs, "isfile", root):
         return pa.table({"path": [root], "size": pa.array([call(fs, "size", root)], pa.int64())}), root.rsplit("/", 1)[0]
     return list_files(fs, root, _SUFFIX[fmt]), root
@@ -223,8 +221,6 @@ def _folder_table(url: str, rel: pa.Array, sizes: pa.Array, classes: list[str], 
     """Work items of a folder's files, ``rows_per_shard`` each, built as Arrow arrays: a 14M-file
     plan never becomes 14M Python strings. A file's label is its class folder's index in
     ``classes`` (-1: no class). Item k covers files ``first_file + k*rows_per_shard ...`` of the plan."""
-    if isinstance(rel, pa.ChunkedArray):
-        rel = rel.combine_chunks()
     n = len(rel)
     if classes:
         first, nested = _first_parts(rel)
@@ -329,7 +325,7 @@ def extend(stored: Plan, url: str, fmt: str, rows_per_shard: int, storage_option
     both = planned.join(now, "name", join_type="inner", left_suffix="_planned", right_suffix="_now")
     changed = both.filter(pc.not_equal(both.column("size_planned"), both.column("size_now"))).column("name")
     vanished = pc.filter(planned.column("name"), pc.invert(pc.is_in(planned.column("name"), value_set=now.column("name"))))
-    fresh = pc.invert(pc.is_in(now.column("name"), value_set=planned.column("name")))
+    fresh = pc.invert(pc.is_in(names, value_set=planned.column("name")))
     growth = Growth(stored, vanished=sorted(vanished.to_pylist()), changed=sorted(changed.to_pylist()))
     if not pc.any(fresh).as_py():
         return growth
@@ -338,12 +334,11 @@ def extend(stored: Plan, url: str, fmt: str, rows_per_shard: int, storage_option
     if fmt == "folder":
         rel = names.filter(fresh)
         if classes:
-            first, nested = _first_parts(rel.combine_chunks() if isinstance(rel, pa.ChunkedArray) else rel)
+            first, nested = _first_parts(rel)
             new_classes = sorted(set(pc.unique(first.filter(nested)).to_pylist()) - set(classes))
             classes += new_classes  # appended: the labels already written keep their meaning
             growth.new_classes = new_classes
-        planned_files = sum(pc.list_value_length(stored.table.column("files")).to_pylist())
-        table = _folder_table(url, rel, added.column("size"), classes, rows_per_shard, len(stored), planned_files)
+        table = _folder_table(url, rel, added.column("size"), classes, rows_per_shard, len(stored), stored.inputs())
     else:
         table = _table(_rows(url, fmt, added, base, columns, storage_options), len(stored))
     growth.plan = Plan(pa.concat_tables([stored.table, table]), classes)

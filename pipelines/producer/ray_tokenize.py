@@ -2,7 +2,7 @@
 
 Each work item flows through three steps chained by object references:
 
-    prepare (CPU task, streams chunks)  ->  encode per chunk (tokenizer actor, GPU or CPU)  ->  commit (CPU task)
+    prepare (CPU task, streams chunks)  ->  encode per chunk (tokenizer actor, GPU or CPU)  ->  commit (Committer actor)
 
 The driver keeps a bounded window of items in flight (backpressure), so memory stays flat however
 large the dataset. Exactly-once output follows from determinism plus the commit protocol: an item
@@ -56,9 +56,9 @@ def prepare(item: WorkItem, variants: tuple[str, ...], size: int, max_pixels: in
 
     Only the source crops travel to the tokenizer (one per image for centre and flip, the 1.1x crop
     for ten-crop): the variants are windows of them, cut on the tokenizer's device. A chunk holds at
-    most ``chunk_bytes`` of crops, in whole forwards of ``forward_images`` (at least one forward), so a 10,000-image tar becomes many
-    bounded objects that the tokenizer starts on while the rest is still being decoded, never one
-    object of gigabytes. Run as a Ray streaming generator: the driver sees each chunk as it lands.
+    most ``chunk_bytes`` of crops, in whole forwards of ``forward_images`` (at least one forward),
+    so a 10,000-image tar becomes many bounded objects that the tokenizer starts on while the rest
+    is still being decoded, never one object of gigabytes. Run as a Ray streaming generator: the driver sees each chunk as it lands.
     The last chunk may be empty (it carries the item's remaining rejects and its request counts).
     A yielded crops dict is valid until the generator resumes (its arrays are reused, see
     :class:`_ChunkBuffer`): Ray copies it into the object store at once; a local caller must copy."""
@@ -91,20 +91,21 @@ def prepare(item: WorkItem, variants: tuple[str, ...], size: int, max_pixels: in
 class _ChunkBuffer:
     """Source crops of one chunk, written straight into arrays this process reuses chunk after chunk.
 
-    Stacking a chunk's crops into a fresh array costs a copy into pages the kernel must first map
-    (about a fifth of the CPU time of decoding a photo); Ray copies the yielded chunk into its object
-    store before the generator resumes, so the same, already-mapped arrays serve every chunk."""
+    Stacking a chunk's crops into a fresh array costs a copy into pages the kernel must first map,
+    on every chunk; Ray copies the yielded chunk into its object store before the generator
+    resumes, so the same, already-mapped arrays serve every chunk."""
 
     _arrays: dict = {}  # (source name, crop shape, capacity) -> reused array, per process
 
     def __init__(self, chunk_bytes: int, forward_images: int):
-        self.chunk_bytes, self.forward, self.n, self.views = chunk_bytes, max(1, forward_images), 0, {}
+        self.chunk_bytes, self.forward, self.n, self.capacity, self.views = chunk_bytes, max(1, forward_images), 0, 0, {}
 
     def add(self, crops: dict[str, np.ndarray]) -> None:
         if not self.views:
             per_image = sum(c.nbytes for c in crops.values())
-            capacity = max(1, self.chunk_bytes // per_image) // self.forward * self.forward or self.forward
-            self.views = {name: self._arrays.setdefault((name, c.shape, capacity), np.empty((capacity, *c.shape), c.dtype))
+            self.capacity = max(1, self.chunk_bytes // per_image) // self.forward * self.forward or self.forward
+            self.views = {name: self._arrays.setdefault((name, c.shape, self.capacity),
+                                                        np.empty((self.capacity, *c.shape), c.dtype))
                           for name, c in crops.items()}
         for name, c in crops.items():
             self.views[name][self.n] = c
@@ -112,7 +113,7 @@ class _ChunkBuffer:
 
     @property
     def full(self) -> bool:
-        return bool(self.views) and self.n == len(next(iter(self.views.values())))
+        return self.n == self.capacity > 0
 
     def take(self) -> dict[str, np.ndarray]:
         out = {name: v[: self.n] for name, v in self.views.items()}
@@ -144,8 +145,9 @@ class Committer:
 
     An actor rather than a task per item: a commit waits on storage (fsync, PUT), not on a CPU. As
     a task it would hold a share of a CPU slot that a decode task then cannot start in (on a 2-core
-    node that left a core idle for each commit's fsync), and as a zero-CPU task Ray would start and
-    stop worker processes for it around the decode tasks. The process's request counters are shared
+    node that left a core idle for each commit's fsync), and as a zero-CPU task it measured slower
+    still in ``bench.efficiency`` (Ray runs such tasks in extra worker processes beside the decode
+    tasks). The process's request counters are shared
     by its threads, so its writes are reported once for the run (:meth:`requests`)."""
 
     def commit(self, *args) -> tuple:
@@ -262,8 +264,8 @@ def run_items(
     ``forward_images``, see :func:`prepare`) goes, as soon as it is decoded, to the tokenizer with
     the fewest chunks outstanding (counted until their item commits: the driver wakes per chunk
     decoded and per item committed, not per chunk encoded), so a slow or restarting actor does not
-    hold a queue of work the others could do, and the tokenizers finish together. The driver waits on references without
-    fetching them (a chunk never travels to the driver's node).
+    hold a queue of work the others could do, and the tokenizers finish together. The driver waits
+    on references without fetching them (a chunk never travels to the driver's node).
     """
     import ray
     from tqdm import tqdm
@@ -272,6 +274,7 @@ def run_items(
     # Only an outage that outlasted the per-request retries reruns a task; other errors repeat.
     retry = dict(max_retries=3, retry_exceptions=[StorageUnavailable])
     prepare_task = ray.remote(prepare).options(num_cpus=1, **retry)  # a streaming generator of chunks
+    commit_calls = [c.commit.options(retry_exceptions=[StorageUnavailable]) for c in committers]
 
     stats = RunStats()
     # Items are taken from ``items`` one at a time (a plan of millions of files is an Arrow table;
@@ -300,9 +303,9 @@ def run_items(
                     ref = next(gen)
                 except StopIteration:  # decoded: its CPU is free for the next item; commit when encoded
                     del decoding[gen]
-                    committer = committers[len(inflight) % len(committers)].commit.options(retry_exceptions=[StorageUnavailable])
-                    inflight[committer.remote(flight.item, output, fmt, variants, so, len(flight.metas),
-                                              *flight.metas, *flight.tokens)] = flight
+                    call = commit_calls[len(inflight) % len(commit_calls)]
+                    inflight[call.remote(flight.item, output, fmt, variants, so, len(flight.metas),
+                                         *flight.metas, *flight.tokens)] = flight
                     continue
                 if len(flight.metas) == len(flight.tokens):  # crops: to the least-loaded tokenizer
                     target = min(range(len(actors)), key=outstanding.__getitem__)

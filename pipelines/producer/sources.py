@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 import pyarrow.parquet as pq
 
 from pipelines.contract.retry import is_storage_fault
-from pipelines.contract.storage import TooLarge, call, filesystem, find, is_local, join, open_input, read_bytes
+from pipelines.contract.storage import TooLarge, call, filesystem, is_local, join, open_input, read_bytes
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif", "ppm", "pgm", "jfif")
 FORMATS = ("folder", "webdataset", "parquet", "lmdb")
