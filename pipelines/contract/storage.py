@@ -135,7 +135,13 @@ def read_bytes(fs: fsspec.AbstractFileSystem, path: str, limit: int | None = Non
     (checked without reading more than ``limit + 1`` bytes)."""
     if is_local(fs):
         with open(path, "rb") as f:
-            data = f.read() if limit is None else f.read(limit + 1)
+            # ``read(n)`` allocates ``n`` bytes before reading: ask for one more than the file holds
+            # (a file that grew since is then read on, rarely).
+            n = os.fstat(f.fileno()).st_size + 1
+            cap = None if limit is None else limit + 1
+            data = f.read(n if cap is None else min(n, cap))
+            if len(data) == n and (cap is None or n < cap):
+                data += f.read() if cap is None else f.read(cap - n)
     else:
         data = retrying(_ranged_get, fs, path, (1 << 62) if limit is None else limit + 1, what=f"read {path}")
     if limit is not None and len(data) > limit:

@@ -28,6 +28,7 @@ import hashlib
 import io
 import os
 import pickle
+import stat
 import tarfile
 import unicodedata
 from collections.abc import Iterator, Mapping
@@ -217,22 +218,44 @@ def _changed(item: WorkItem, fs, path: str) -> tuple[int | None, RawSample | Non
         "changed", f"{url_of(fs, path)} is {size} bytes, {item.sizes[0]} when planned"))
 
 
+class _Containment:
+    """Whether a local path resolves inside ``root``, links followed, as cheaply as a per-image
+    check can be: a folder's resolution is kept (an item's files share a few folders) and the file
+    itself is resolved only when it is a link."""
+
+    def __init__(self, root: str):
+        self.root = os.path.realpath(root)
+        self.folders: dict[str, bool] = {}
+
+    def _within(self, path: str) -> bool:
+        return os.path.commonpath([self.root, os.path.realpath(path)]) == self.root
+
+    def __call__(self, path: str) -> bool:
+        folder = os.path.dirname(path)
+        if folder not in self.folders:
+            self.folders[folder] = self._within(folder)
+        if not self.folders[folder]:
+            return False
+        try:
+            linked = stat.S_ISLNK(os.lstat(path).st_mode)
+        except OSError:
+            return True  # missing: the read reports it
+        return not linked or self._within(path)
+
+
 def _read_folder(item: WorkItem, storage_options) -> Iterator[RawSample]:
     """The item's files in plan order. On an object store they are fetched many at a time (one GET
     each, up to the process's request slots), so per-request latency is paid once per wave, not once
     per image; a local disk is read in order."""
     fs, root = filesystem(item.url, storage_options)
-    real_root = os.path.realpath(root) if is_local(fs) else None
-
+    inside = _Containment(root) if is_local(fs) else None
     planned = item.sizes or (None,) * len(item.files)
 
     def load(rel: str, label: int, size: int | None) -> RawSample:
         key = rel.rsplit(".", 1)[0]
         path = join(root, rel)
-        if real_root is not None:
-            real = os.path.realpath(path)
-            if os.path.commonpath([real_root, real]) != real_root:
-                return RawSample(key, rel, error=("outside_root", f"{rel} resolves to a path outside the input folder"))
+        if inside is not None and not inside(path):
+            return RawSample(key, rel, error=("outside_root", f"{rel} resolves to a path outside the input folder"))
         try:
             data = read_bytes(fs, path, MAX_INPUT_BYTES)
         except TooLarge as e:
