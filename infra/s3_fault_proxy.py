@@ -213,8 +213,9 @@ class FaultProxy:
 
     @property
     def counts(self) -> dict[str, int]:
-        """A snapshot: injected faults per kind, ``requests`` (every request received) and
-        ``max_in_flight`` (the most requests open at once)."""
+        """A snapshot: injected faults per kind, ``requests`` (every request received),
+        ``max_in_flight`` (the most requests open at once) and ``bytes_out`` (response bodies sent
+        whole to clients)."""
         with self._lock:
             return dict(self._counts)
 
@@ -232,7 +233,7 @@ class FaultProxy:
 
     @staticmethod
     def _zero_counts() -> dict[str, int]:
-        return {"requests": 0, "max_in_flight": 0, **{kind: 0 for kind in FAULT_KINDS}}
+        return {"requests": 0, "max_in_flight": 0, "bytes_out": 0, **{kind: 0 for kind in FAULT_KINDS}}
 
     def _run(self, ready: concurrent.futures.Future[None]) -> None:
         loop = asyncio.new_event_loop()
@@ -343,6 +344,8 @@ class FaultProxy:
             await asyncio.sleep(slow_seconds)
         if payload:
             await response.write(payload)
+            with self._lock:
+                self._counts["bytes_out"] += len(payload)
         await response.write_eof()
         return response
 

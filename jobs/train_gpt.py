@@ -9,6 +9,7 @@ run would have used.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -25,7 +26,7 @@ from jobs.cli import UsageError, fail, parse_config, setup_logging, storage_opti
 from pipelines.consumer.checkpoints import LATEST, load_latest, save_checkpoint
 from pipelines.contract.redact import redact, redact_url
 from pipelines.contract.storage import filesystem, is_local, join, read_json
-from pipelines.consumer.streaming import TokenDataset, TokenLoader
+from pipelines.consumer.streaming import DatasetIncomplete, DatasetMismatch, ShardError, TokenDataset, TokenLoader
 from vfmtok_core.gpt import GPT, GPT_CONFIGS
 from vfmtok_core.training import EMA, adamw
 
@@ -59,6 +60,10 @@ class TrainConfig:
     fsdp: bool = field(default=False, metadata={"help": "shard parameters with FSDP instead of DDP"})
     ray_workers: int = field(default=0, metadata={"help": "run on Ray Train with this many workers"})
     skip_bad_shards: bool = field(default=False, metadata={"help": "log and skip unreadable shards"})
+    follow: bool = field(default=False, metadata={"help": "train on a dataset its tokenization job is still writing: each epoch takes the shards committed when it begins"})
+    order: str = field(default="auto", metadata={"help": "sample order: a global permutation, shard windows, or auto (global when the set fits --cache-bytes)", "choices": ["auto", "global", "window"]})
+    cache_dir: str | None = field(default=None, metadata={"help": "root of the node's shard cache (default: $VFMTOK_CACHE_DIR or the temp folder)"})
+    cache_bytes: int = field(default=16 << 30, metadata={"help": "most bytes of decoded shards the node's cache holds"})
     storage_options: str = field(default="{}", metadata={"help": "fsspec options for --data and --out: JSON, or @FILE holding JSON"})
     metrics: str | None = field(default=None, metadata={"help": "JSONL metrics file (default: <out>/metrics.jsonl if local)"})
 
@@ -105,6 +110,40 @@ def _restore(model, opt, model_state: dict, opt_state: dict) -> None:
                    options=StateDictOptions(full_state_dict=True))
 
 
+def _any_rank_out(out: bool, world: int) -> bool:
+    """True on every rank when any rank has no batch left (so that no rank waits for the others)."""
+    if world == 1:
+        return out
+    flag = torch.tensor([float(out)], device="cuda" if torch.cuda.is_available() and dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def _distinct_batches(keys: list[str], world: int) -> int:
+    """How many ranks' batches of this step differ (``world`` when every rank read its own samples)."""
+    digest = hashlib.sha256("\0".join(keys).encode()).hexdigest()
+    if world == 1:
+        return 1
+    gathered: list = [None] * world
+    dist.all_gather_object(gathered, digest)
+    return len(set(gathered))
+
+
+def _checkpoint(cfg: TrainConfig, so: dict, step: int, wrapped, opt, ema, ds: TokenDataset, rank: int, world: int) -> None:
+    model_state, opt_state = _state(wrapped, opt)
+    ema_state = ema.state_dict()
+    if rank == 0:
+        state = {
+            "model": model_state, "ema": ema_state, "optimizer": opt_state, "data": ds.state_dict(),
+            "step": step, "size": cfg.size, "fingerprint": ds.fingerprint,
+            # The run's settings, to tell runs apart later; never its credentials.
+            "config": {**asdict(cfg), "storage_options": redact(so)},
+        }
+        log.info("checkpoint %s", save_checkpoint(cfg.out, step, state, so))
+    if world > 1:
+        dist.barrier()
+
+
 def _mean(value: torch.Tensor, world: int) -> float:
     if world > 1:
         value = value.detach().clone()
@@ -131,11 +170,11 @@ def train(cfg: TrainConfig) -> dict:
     ds = TokenDataset(
         cfg.data, seed=cfg.seed, rank=rank, world_size=world, storage_options=so, batch_size=per_rank,
         expected_fingerprint=ckpt["fingerprint"] if ckpt else None, skip_bad_shards=cfg.skip_bad_shards,
+        follow=cfg.follow, min_samples=cfg.global_batch, order=cfg.order, cache_dir=cfg.cache_dir,
+        cache_bytes=cfg.cache_bytes,
     )
-    steps_per_epoch = len(ds) // cfg.global_batch
-    if steps_per_epoch == 0:
-        raise SystemExit(f"{cfg.data} has {len(ds)} samples, fewer than one global batch of {cfg.global_batch}")
-    total = cfg.max_steps or cfg.epochs * steps_per_epoch
+    if len(ds) < cfg.global_batch:
+        raise UsageError(f"{redact_url(cfg.data)} has {len(ds)} samples, fewer than one global batch of {cfg.global_batch}")
 
     model = GPT.from_config(
         cfg.size, seed=cfg.seed, vocab_size=ds.manifest["codebook_size"], block_size=ds.tokens_per_image,
@@ -159,14 +198,24 @@ def train(cfg: TrainConfig) -> dict:
     metrics_path = cfg.metrics or (join(out_root, "metrics.jsonl") if is_local(out_fs) else None)
     if rank == 0 and metrics_path:
         Path(metrics_path).parent.mkdir(parents=True, exist_ok=True)
-    bar = tqdm(total=total, initial=step, desc="train", unit="step", disable=rank != 0, dynamic_ncols=True)
+    # An epoch's length is fixed when it begins (in follow mode it grows from epoch to epoch).
+    bar = tqdm(total=cfg.max_steps or None, initial=step, desc="train", unit="step", disable=rank != 0, dynamic_ncols=True)
     last: dict = {}
     t0, seen = time.perf_counter(), 0
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
-    while step < total:
-        epoch = step // steps_per_epoch
-        ds.set_epoch(epoch)
-        for batch in loader:
+
+    def finished() -> bool:
+        return ds.epoch >= cfg.epochs or bool(cfg.max_steps and step >= cfg.max_steps)
+
+    while not finished():
+        epoch, steps_in_epoch = ds.epoch, len(ds) // cfg.global_batch
+        batches = iter(loader)
+        while ds.consumed // cfg.global_batch < steps_in_epoch and not finished():
+            batch = next(batches, None)
+            if _any_rank_out(batch is None, world):  # shards were skipped: the epoch ran short
+                log.warning("epoch %d ended early: skipped shards left too few samples for its %d steps", epoch, steps_in_epoch)
+                ds.consumed = len(ds)
+                break
             # Dropout and class dropout draw from a stream fixed by (seed, step, rank): resumes repeat them.
             torch.manual_seed(cfg.seed * 1_000_003 + step * world + rank)
             labels, tokens = batch["label"].to(device), batch["tokens"].to(device)
@@ -180,11 +229,13 @@ def train(cfg: TrainConfig) -> dict:
             ema.update(model)
             step += 1
             seen += labels.shape[0] * world
-            if step % cfg.log_every == 0 or step == total:
+            if step % cfg.log_every == 0 or step == cfg.max_steps:
                 elapsed = time.perf_counter() - t0
                 last = {
                     "step": step, "epoch": epoch, "loss": _mean(loss, world), "grad_norm": float(grad_norm),
-                    "lr": cfg.lr, "samples_per_s": seen / elapsed if elapsed else 0.0,
+                    "lr": cfg.lr, "samples_per_s": seen / elapsed if elapsed else 0.0, "world_size": world,
+                    "distinct_rank_batches": _distinct_batches(batch["key"], world),
+                    "epoch_samples": len(ds), "skipped_shards": len(ds.skipped_shards),
                 }
                 if rank == 0:
                     bar.set_postfix(loss=f"{last['loss']:.4f}", samples_s=f"{last['samples_per_s']:.0f}")
@@ -192,26 +243,15 @@ def train(cfg: TrainConfig) -> dict:
                     if metrics_path:
                         with open(metrics_path, "a") as f:
                             f.write(json.dumps(last) + "\n")
-            if step % cfg.ckpt_every == 0 or step == total:
-                model_state, opt_state = _state(wrapped, opt)
-                ema_state = ema.state_dict()
-                if rank == 0:
-                    state = {
-                        "model": model_state, "ema": ema_state, "optimizer": opt_state, "data": ds.state_dict(),
-                        "step": step, "size": cfg.size, "fingerprint": ds.fingerprint,
-                        # The run's settings, to tell runs apart later; never its credentials.
-                        "config": {**asdict(cfg), "storage_options": redact(so)},
-                    }
-                    path = save_checkpoint(cfg.out, step, state, so)
-                    log.info("checkpoint %s", path)
-                if world > 1:
-                    dist.barrier()
+            end_of_epoch = ds.consumed // cfg.global_batch >= steps_in_epoch
+            if step % cfg.ckpt_every == 0 or end_of_epoch and ds.epoch + 1 >= cfg.epochs or step == cfg.max_steps:
+                _checkpoint(cfg, so, step, wrapped, opt, ema, ds, rank, world)
             bar.update(1)
-            if step >= total or step // steps_per_epoch != epoch:
-                break
+        if ds.consumed // cfg.global_batch >= steps_in_epoch:
+            ds.set_epoch(epoch + 1)
     bar.close()
     if rank == 0 and not last:
-        log.info("nothing to do: %s is already at step %d of %d", cfg.out, step, total)
+        log.info("nothing to do: %s is already at step %d (epoch %d)", redact_url(cfg.out), step, ds.epoch)
     if world > 1:
         dist.barrier()
     return last
@@ -239,7 +279,7 @@ def main(argv=None) -> None:
     cfg = parse_config(TrainConfig, argv, description=__doc__)
     try:
         last = run_on_ray(cfg) if cfg.ray_workers else train(cfg)
-    except UsageError as e:
+    except (UsageError, DatasetMismatch, DatasetIncomplete, ShardError, FileNotFoundError) as e:
         fail(e)
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(json.dumps(last))

@@ -89,3 +89,13 @@ def s3_bucket(s3_endpoint):
     name = f"t-{uuid.uuid4().hex[:12]}"
     boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(Bucket=name)
     return name, opts
+
+
+@pytest.fixture()
+def proxy(s3_endpoint):
+    """The fault-injecting S3 proxy (infra/s3_fault_proxy.py) in front of the server, no faults
+    until a test sets them; its ``counts`` also tell requests and bytes served."""
+    from infra.s3_fault_proxy import FaultProxy
+
+    with FaultProxy(s3_endpoint, seed=5) as p:
+        yield p

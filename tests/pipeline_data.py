@@ -82,7 +82,7 @@ class Exploit:
 
 
 def make_token_dataset(
-    root: Path, shards: int = 7, rows: int = 13, variants: int = 2, fingerprint: str = "tiny-abc"
+    root: Path, shards: int = 7, rows: int = 13, variants: int = 2, fingerprint: str = "tiny-abc", fmt: str = "parquet",
 ) -> list[str]:
     """A token dataset with known contents: token value = sample number * 10 + variant (mod 1024)."""
     parts, keys = [], []
@@ -97,7 +97,7 @@ def make_token_dataset(
         parts.append(ShardRows(k, [(n + i) % 5 for i in range(count)], ["src"] * count, [bytes(32)] * count, tok))
         keys += k
         n += count
-    identity = {"fingerprint": fingerprint, "variants": [f"v{i}" for i in range(variants)], "format": "parquet",
+    identity = {"fingerprint": fingerprint, "variants": [f"v{i}" for i in range(variants)], "format": fmt,
                 "tokens_per_image": 256}
     write_dataset(str(root), parts, identity, codebook_size=1024)
     return keys

@@ -58,7 +58,9 @@ def test_passes_requests_through_unchanged(proxy, s3_bucket, s3_endpoint):
     # The object really is upstream, under the same key (the raw path was not re-encoded).
     assert _client(s3_endpoint).get_object(Bucket=bucket, Key="dir/a b+c.bin")["Body"].read() == data
     faults = {"slowdown": 0, "error500": 0, "error502": 0, "reset": 0, "truncate": 0, "slow": 0, "corrupt": 0}
-    assert proxy.counts == {"requests": 4, "max_in_flight": 1, **faults}
+    counts = proxy.counts
+    assert len(data) < counts.pop("bytes_out") < len(data) + 4000  # the object, and a listing's XML
+    assert counts == {"requests": 4, "max_in_flight": 1, **faults}
 
 
 class _Recorder(http.server.BaseHTTPRequestHandler):
@@ -300,6 +302,6 @@ def test_cli_serves_until_sigterm(s3_endpoint, s3_bucket):
                 s3.get_object(Bucket=bucket, Key="k")
             cli.send_signal(signal.SIGTERM)
             assert cli.wait(timeout=10) == 0
-            assert "final counts {'requests': 2, 'max_in_flight': 1, 'slowdown': 0, 'error500': 1" in cli.stderr.read()
+            assert "final counts {'requests': 2, 'max_in_flight': 1, 'bytes_out': 0, 'slowdown': 0, 'error500': 1" in cli.stderr.read()
         finally:
             cli.kill()

@@ -18,7 +18,7 @@ import boto3
 import pytest
 import s3fs
 
-from infra.s3_fault_proxy import FaultProxy, FaultRates
+from infra.s3_fault_proxy import FaultRates
 from jobs.tokenize import TokenizeConfig, run
 from pipelines.ray_runtime import ray_session
 from pipelines.contract.storage import exists, filesystem, find, read_json, write_json
@@ -114,12 +114,6 @@ def test_driver_killed_at_random_points_then_rerun(source, s3_endpoint, tmp_path
 
 # ---------------------------------------------------------------- a store that misbehaves
 FAULTS = FaultRates(slowdown=0.05, reset=0.02, truncate=0.01)
-
-
-@pytest.fixture()
-def proxy(s3_endpoint):
-    with FaultProxy(s3_endpoint, seed=5) as p:
-        yield p
 
 
 def _via(opts: dict, endpoint: str, **config) -> dict:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.consumer.streaming import DatasetMismatch, ShardError, TokenDataset, TokenLoader
+from pipelines.consumer.streaming import DatasetIncomplete, DatasetMismatch, ShardError, TokenDataset, TokenLoader
 from tests.pipeline_data import make_token_dataset as make_dataset
 
 
@@ -116,8 +116,14 @@ def test_corrupt_or_missing_shard(dataset):
     got = [s["key"] for s in ds]
     assert len(got) == len(keys) - 15 and ds.skipped_shards == ["shards/shard-000002.parquet"]
     (url / "shards" / "shard-000004.parquet").unlink()
-    with pytest.raises(ShardError, match="shard-000004"):
-        list(TokenDataset(str(url), rank=0, world_size=1, skip_bad_shards=False))
+    # The node cache already holds the verified shard 4: a fresh one sees the deletion.
+    fresh = dict(rank=0, world_size=1, cache_dir=str(url.parent / "fresh"))
+    with pytest.raises(ShardError, match="shard-00000[24]"):
+        list(TokenDataset(str(url), skip_bad_shards=False, **fresh))
+    ds = TokenDataset(str(url), skip_bad_shards=True, **fresh)
+    got = [s["key"] for s in ds]
+    assert sorted(ds.skipped_shards) == ["shards/shard-000002.parquet", "shards/shard-000004.parquet"]
+    assert len(got) == len(keys) - 15 - 14
 
 
 def test_streams_from_s3_with_local_cache(tmp_path, s3_bucket):
@@ -134,3 +140,118 @@ def test_streams_from_s3_with_local_cache(tmp_path, s3_bucket):
     got = [k for b in TokenLoader(ds, batch_size=5, num_workers=2) for k in b["key"]]
     assert Counter(got) == Counter(keys)
     assert sum(f.stat().st_size for f in cache.iterdir()) <= 2 * 3000 + 4000  # budget (plus the shard in use)
+
+
+# ---------------------------------------------------------------------------- order and resume
+def _global_sequence(url, world, global_batch, steps, workers, state=None, order="global"):
+    """The epoch's global sample sequence as ``world`` ranks consume it, ``steps`` steps from
+    ``state``: position ``consumed + r + W*j`` holds rank r's j-th sample. Returns (keys, state)."""
+    per_rank = global_batch // world
+    datasets, iters = [], []
+    for rank in range(world):
+        ds = TokenDataset(str(url), seed=4, rank=rank, world_size=world, order=order, window_shards=2)
+        if state:
+            ds.load_state_dict(json.loads(json.dumps(state)))
+        datasets.append(ds)
+        iters.append(iter(TokenLoader(ds, batch_size=per_rank, num_workers=workers)))
+    seq = [None] * (steps * global_batch)
+    for step in range(steps):
+        for rank, it in enumerate(iters):
+            for i, key in enumerate(next(it)["key"]):
+                seq[rank + world * (step * per_rank + i)] = key
+    return seq, datasets[0].state_dict()
+
+
+@pytest.mark.parametrize("order", ["global", "window"])
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_from_2_to_3_ranks_continues_the_uninterrupted_sequence_step_by_step(dataset, order, workers):
+    url, keys = dataset
+    names = np.array(keys)
+    reference = TokenDataset(str(url), seed=4, rank=0, world_size=1, order=order, window_shards=2)
+    expected = names[reference.epoch_order()].tolist()
+    first, state = _global_sequence(url, 2, 6, 4, workers, order=order)
+    assert first == expected[:24]  # the same sequence, step by step, not only the same samples
+    assert state["consumed"] == 24 and state["order"] == order
+    rest, _ = _global_sequence(url, 3, 6, (len(keys) - 24) // 6, workers, state=state, order=order)
+    assert rest == expected[24 : 24 + len(rest)]
+
+
+def test_global_order_mixes_a_class_sorted_dataset_from_the_first_steps(tmp_path):
+    from pipelines.contract.manifest import write_dataset
+    from pipelines.contract.shards import ShardRows
+
+    shards = []
+    for c in range(40):  # one class per shard, as a folder of class folders becomes
+        k = [f"c{c}-{i}" for i in range(25)]
+        shards.append(ShardRows(k, [c] * 25, ["s"] * 25, [bytes(32)] * 25, np.zeros((25, 1, 256), np.uint16)))
+    write_dataset(str(tmp_path / "ds"), shards, {"fingerprint": "f", "variants": ["center"], "format": "parquet",
+                                                 "tokens_per_image": 256}, 1024)
+    seen = {}
+    for order in ("global", "window"):
+        ds = TokenDataset(str(tmp_path / "ds"), rank=0, world_size=1, order=order, window_shards=2)
+        first = [s["label"] for _, s in zip(range(100), ds)]  # the first 10% of the epoch
+        seen[order] = len(set(first))
+    # A full random permutation sees 36.8 of the 40 classes on average (40 * (1 - (39/40)**100)).
+    assert seen["window"] <= 4 and seen["global"] >= 32
+
+
+def test_incomplete_dataset_is_refused_unless_followed(dataset):
+    url, keys = dataset
+    manifest = json.loads((url / "manifest.json").read_text())
+    committed = manifest["shards"][:3]
+    (url / "manifest.json").write_text(json.dumps({**manifest, "shards": committed, "complete": False}))
+    with pytest.raises(DatasetIncomplete, match="--follow"):
+        TokenDataset(str(url), rank=0, world_size=1)
+    ds = TokenDataset(str(url), rank=0, world_size=1, follow=True)
+    # The epoch is the shards committed when it began: here all seven have commit records.
+    assert sorted(s["key"] for s in ds) == sorted(keys)
+
+
+# ---------------------------------------------------------------------------- the node cache
+def test_one_fetch_per_node_shared_by_ranks_and_workers_then_cleaned_up(tmp_path, s3_bucket, proxy):
+    import s3fs
+
+    keys = make_dataset(tmp_path / "ds", shards=12, rows=10)
+    bucket, opts = s3_bucket
+    s3fs.S3FileSystem(skip_instance_cache=True, **opts).put(str(tmp_path / "ds"), f"{bucket}/tokens", recursive=True)
+    shard_bytes = sum(f.stat().st_size for f in (tmp_path / "ds" / "shards").iterdir())
+    via = {**opts, "client_kwargs": {**opts.get("client_kwargs", {}), "endpoint_url": proxy.endpoint}}
+    root = tmp_path / "cache"
+    proxy.reset_counts()
+    got, datasets = [], []
+    for rank in range(4):  # ranks 0-1 on node a, 2-3 on node b; two loader workers each
+        ds = TokenDataset(f"s3://{bucket}/tokens", storage_options=via, rank=rank, world_size=4,
+                          cache_dir=str(root), node="ab"[rank // 2])
+        datasets.append(ds)
+        got += [k for b in TokenLoader(ds, batch_size=4, num_workers=2) for k in b["key"]]
+    assert Counter(got) == Counter(keys)
+    manifests = 4 * (tmp_path / "ds" / "manifest.json").stat().st_size
+    assert proxy.counts["bytes_out"] - manifests <= 2 * shard_bytes  # each shard once per node
+    assert {p.name for p in root.iterdir()} == {datasets[0].cache.dir.split("/")[-2]}
+    for ds in datasets:
+        ds.close()
+    assert list(root.iterdir()) == []  # the last process to leave removed the cache
+
+
+def test_window_order_keeps_the_node_cache_within_its_budget(dataset, tmp_path):
+    url, keys = dataset
+    ds = TokenDataset(str(url), rank=0, world_size=1, cache_dir=str(tmp_path / "c"), cache_bytes=30_000,
+                      window_shards=1)
+    assert ds.mode == "window"  # the set does not fit 30 kB: shard windows, not a global order
+    peak = 0
+    got = []
+    for s in ds:
+        got.append(s["key"])
+        peak = max(peak, ds.cache.held_bytes())
+    assert sorted(got) == sorted(keys)
+    # The budget, plus the shard read ahead and the one being filled (each lands before the evictions).
+    assert 0 < peak <= 30_000 + 2 * 15 * (1024 + 64)
+
+
+def test_webdataset_token_shards_stream_like_parquet(tmp_path):
+    keys = make_dataset(tmp_path / "pq")
+    make_dataset(tmp_path / "wds", fmt="webdataset")
+    a = [s["key"] for s in TokenDataset(str(tmp_path / "pq"), rank=0, world_size=1)]
+    b = [(s["key"], s["tokens"].tolist(), s["label"]) for s in TokenDataset(str(tmp_path / "wds"), rank=0, world_size=1)]
+    c = [(s["key"], s["tokens"].tolist(), s["label"]) for s in TokenDataset(str(tmp_path / "pq"), rank=0, world_size=1)]
+    assert sorted(a) == sorted(keys) and sorted(b) == sorted(c)

@@ -1,19 +1,16 @@
 """Streaming token shards into training: deterministic, resumable, exactly once per epoch.
 
-Sample order. Every epoch has one *global* order of all samples, a pure function of (seed, epoch):
-shards are permuted, cut into windows of ``window_shards`` consecutive shards, and the samples of
-each window are shuffled together. Rank r takes global positions r, r + W, r + 2W, ...; within a
-rank, DataLoader workers take turns by whole batches, so after k batches a rank has consumed exactly
-its first k * batch_size positions and all ranks together a prefix of the global order. The state
-is therefore one number (samples consumed this epoch); resuming continues from that prefix, with
-any world size or worker count.
+An epoch is a fixed list of shards (a complete dataset's, or in follow mode the shards committed
+when the epoch began) and one order of their samples, a pure function of (seed, epoch, that list)
+(see :mod:`pipelines.consumer.order`: a global permutation when the set fits the node cache, shard
+windows otherwise). Rank r of W takes positions r, r + W, ... from the resume point; within a rank,
+DataLoader workers take turns by whole batches, so after k batches every rank has consumed exactly
+its first k * batch_size positions and all ranks together a prefix of the order. The state is the
+epoch, its shard list and one number (positions consumed), so a resume continues the same sequence
+with any world size or worker count.
 
-Shuffle quality: a window of shards is shuffled as a unit, so a batch mixes samples from up to
-``window_shards`` shards; by default the window is as many shards as fit in a 256 MiB token buffer
-(about half a million images at 256 tokens and two variants), which on ImageNet-size data is close
-to a full shuffle (``bench/loader.py`` measures label mixing against one). Each process reads at
-most a window of shards at a time, cached locally within a byte budget and read ahead in the
-background.
+Shards are read through the node cache (:mod:`pipelines.consumer.node_cache`): fetched once per
+node, decoded once, memory-mapped by every process of the node.
 
 Variants: when shards hold V crops per image, one is chosen per (seed, epoch, key) by a stable hash.
 """
@@ -22,9 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import tempfile
-import threading
+import time
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 
@@ -32,12 +27,16 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipelines.contract.manifest import MANIFEST
-from pipelines.contract.shards import decode_shard
-from pipelines.contract.retry import TransientError, retrying
-from pipelines.contract.storage import exists, filesystem, is_local, join, read_bytes, read_json
+from pipelines.consumer.node_cache import NodeCache, prefetcher
+from pipelines.consumer.order import ORDERS, EpochOrder, rank_positions
+from pipelines.contract.manifest import MANIFEST, load_commits
+from pipelines.contract.redact import redact_url
+from pipelines.contract.storage import exists, filesystem, join, read_json
 
 log = logging.getLogger(__name__)
+
+SHARD_FIELDS = ("shard", "path", "rows", "bytes", "sha256")
+FETCH_THREADS = 4  # shards fetched ahead at once per process (their requests share its slots)
 
 
 class ShardError(RuntimeError):
@@ -48,124 +47,38 @@ class DatasetMismatch(RuntimeError):
     """The token dataset was made with another tokenizer (or codebook) than the run expects."""
 
 
+class DatasetIncomplete(RuntimeError):
+    """The dataset's tokenization job has not finished (or left items uncommitted)."""
+
+
 def _dist_rank_world() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1
 
 
-class ShardCache:
-    """Shard bytes by relative path: local files are read in place; remote ones are downloaded to a
-    local folder (LRU within ``budget_bytes``) and the next ones are fetched ahead in threads.
-
-    A download lands in the cache only when its sha256 matches the manifest (a body cut short or
-    damaged on the way is fetched again, a bounded number of times), and the requests of all
-    read-ahead threads share the process's request slots (see :func:`pipelines.contract.retry.retrying`).
-    """
-
-    def __init__(
-        self, url: str, storage_options: Mapping | None, cache_dir: str | None, budget_bytes: int,
-        checksums: Mapping[str, str],
-    ):
-        self.url, self.storage_options = url, dict(storage_options or {})
-        self.checksums = dict(checksums)
-        self.budget = budget_bytes
-        self.cache_dir = cache_dir
-        self._fs = None
-        self._lru: OrderedDict[str, int] = OrderedDict()
-        self._pending: dict[str, threading.Thread] = {}
-        self._lock = threading.Lock()
-
-    def _filesystem(self):
-        # Created lazily inside each worker process: s3fs instances are not fork-safe.
-        if self._fs is None:
-            opts = dict(self.storage_options)
-            if "://" in self.url and not self.url.startswith("file://"):
-                opts.setdefault("skip_instance_cache", True)
-            self._fs, self._root = filesystem(self.url, opts)
-            if not is_local(self._fs):
-                if self.cache_dir is None:
-                    self.cache_dir = tempfile.mkdtemp(prefix="vfmtok-shards-")
-                os.makedirs(self.cache_dir, exist_ok=True)
-        return self._fs
-
-    def _local_path(self, rel: str) -> str:
-        return os.path.join(self.cache_dir, rel.replace("/", "__"))
-
-    def _fetch_verified(self, rel: str) -> bytes:
-        data = read_bytes(self._filesystem(), join(self._root, rel))
-        if hashlib.sha256(data).hexdigest() != self.checksums[rel]:
-            raise TransientError(f"{rel}: downloaded bytes do not match the manifest's sha256")
-        return data
-
-    def _download(self, rel: str) -> None:
-        dst = self._local_path(rel)
-        tmp = f"{dst}.part-{os.getpid()}-{threading.get_ident()}"
-        try:
-            data = retrying(self._fetch_verified, rel, what=f"download {rel}", remote=False)
-            with open(tmp, "wb") as f:
-                f.write(data)
-            os.replace(tmp, dst)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-
-    def _download_ahead(self, rel: str) -> None:
-        try:
-            self._download(rel)
-        except Exception:  # noqa: BLE001 - read() downloads again and reports the error then
-            log.debug("read-ahead of %s failed", rel, exc_info=True)
-
-    def prefetch(self, rels: list[str]) -> None:
-        fs = self._filesystem()
-        if is_local(fs):
-            return
-        for rel in rels:
-            with self._lock:
-                if rel in self._pending or os.path.exists(self._local_path(rel)):
-                    continue
-                t = threading.Thread(target=self._download_ahead, args=(rel,), daemon=True)
-                self._pending[rel] = t
-            t.start()
-
-    def read(self, rel: str) -> bytes:
-        fs = self._filesystem()
-        if is_local(fs):
-            with open(join(self._root, rel), "rb") as f:
-                return f.read()
-        with self._lock:
-            pending = self._pending.pop(rel, None)
-        if pending is not None:
-            pending.join()
-        path = self._local_path(rel)
-        if not os.path.exists(path):
-            self._download(rel)
-        with open(path, "rb") as f:
-            data = f.read()
-        self._lru[rel] = len(data)
-        self._lru.move_to_end(rel)
-        while sum(self._lru.values()) > self.budget and len(self._lru) > 1:
-            old, _ = self._lru.popitem(last=False)
-            if os.path.exists(self._local_path(old)):
-                os.remove(self._local_path(old))
-        return data
+def _readable(shards) -> list[dict]:
+    return [{k: s[k] for k in SHARD_FIELDS} for s in shards if s.get("path") and s["rows"] > 0]
 
 
 class TokenDataset(IterableDataset):
-    """Samples ``{"key": str, "label": int, "tokens": LongTensor (T,)}`` from a token dataset's manifest.
+    """Samples ``{"key": str, "label": int, "tokens": LongTensor (T,)}`` of a token dataset.
 
     Args:
         url: the dataset folder (holding ``manifest.json``), local or any fsspec URL.
-        seed, shuffle: the epoch order is a function of (seed, epoch) only.
+        seed, shuffle: the epoch order is a function of (seed, epoch, the epoch's shards) only.
         rank, world_size: default to torch.distributed's.
         batch_size: the DataLoader batch size; workers alternate by whole batches so that consumption
             stays a prefix of the order (needed for exact resume).
         expected_fingerprint: refuse a dataset made by another tokenizer.
         vocab_size: refuse a dataset whose codebook differs from the model's vocabulary.
         skip_bad_shards: log and count unreadable shards instead of stopping.
-        window_shards: shards shuffled together (see the module docstring); by default as many as
-            fit in ``shuffle_buffer_bytes`` of decoded tokens (they are held in memory per process).
-        cache_dir, cache_bytes: where remote shards are kept and how much of them.
+        follow: train on a dataset its tokenization job is still writing: each epoch takes the
+            shards committed when it begins (waiting for ``min_samples`` of them). Without it an
+            incomplete dataset is refused.
+        order: ``global``, ``window`` or ``auto`` (global when the set fits ``cache_bytes``).
+        window_shards: shards per window in window order (default: what a third of the cache holds).
+        cache_dir, cache_bytes, node: the node cache's root folder, budget and node name.
     """
 
     def __init__(
@@ -181,95 +94,142 @@ class TokenDataset(IterableDataset):
         expected_fingerprint: str | None = None,
         vocab_size: int | None = None,
         skip_bad_shards: bool = False,
+        follow: bool = False,
+        min_samples: int = 1,
+        poll_seconds: float = 10.0,
+        order: str = "auto",
         window_shards: int | None = None,
-        shuffle_buffer_bytes: int = 256 << 20,
         cache_dir: str | None = None,
-        cache_bytes: int = 2 << 30,
+        cache_bytes: int = 16 << 30,
+        node: str | None = None,
     ):
         super().__init__()
+        if order not in ("auto", *ORDERS):
+            raise ValueError(f"order must be auto or one of {ORDERS}, got {order!r}")
         fs, root = filesystem(url, storage_options)
-        path = join(root, MANIFEST)
-        if not exists(fs, path):
-            raise FileNotFoundError(f"{url} has no {MANIFEST}")
-        m = read_json(fs, path)
+        if not exists(fs, join(root, MANIFEST)):
+            raise FileNotFoundError(f"{redact_url(url)} has no {MANIFEST}")
+        m = read_json(fs, join(root, MANIFEST))
         if expected_fingerprint is not None and m["fingerprint"] != expected_fingerprint:
             raise DatasetMismatch(
-                f"{url} was tokenized by {m['fingerprint']}, but this run started on {expected_fingerprint}; "
+                f"{redact_url(url)} was tokenized by {m['fingerprint']}, but this run started on {expected_fingerprint}; "
                 "tokens from different tokenizers cannot be mixed"
             )
         if vocab_size is not None and m["codebook_size"] != vocab_size:
-            raise DatasetMismatch(f"{url} has codebook size {m['codebook_size']} but the model's vocabulary is {vocab_size}")
+            raise DatasetMismatch(f"{redact_url(url)} has codebook size {m['codebook_size']} but the model's vocabulary is {vocab_size}")
+        if not m.get("complete", True) and not follow:
+            done = m.get("totals", {})
+            raise DatasetIncomplete(
+                f"{redact_url(url)} is incomplete ({done.get('committed_items', '?')} of {done.get('work_items', '?')} work "
+                "items committed): its tokenization job is still running or stopped early. Wait for it (or rerun it to "
+                "finish), or pass --follow to train on the shards committed so far as they grow."
+            )
         self.url, self.storage_options = url, storage_options
         self.manifest = m
         self.fingerprint = m["fingerprint"]
         self.format = m["format"]
         self.variants = len(m["variants"])
         self.tokens_per_image = m["tokens_per_image"]
-        self.shards = [s for s in m["shards"] if s.get("path") and s["rows"] > 0]
-        self.offsets = np.concatenate([[0], np.cumsum([s["rows"] for s in self.shards])]).astype(np.int64)
         self.seed, self.shuffle = seed, shuffle
         dr, dw = _dist_rank_world()
         self.rank = dr if rank is None else rank
         self.world_size = dw if world_size is None else world_size
         self.batch_size = batch_size
         self.skip_bad_shards = skip_bad_shards
-        if window_shards is None:
-            shard_bytes = (self.offsets[-1] / max(1, len(self.shards))) * self.variants * self.tokens_per_image * 2
-            window_shards = int(shuffle_buffer_bytes // max(1.0, shard_bytes))
-        self.window_shards = max(1, window_shards)
-        self.cache = ShardCache(url, storage_options, cache_dir, cache_bytes, {s["path"]: s["sha256"] for s in self.shards})
-        self.epoch = 0
-        self.consumed = 0  # global samples consumed this epoch (a prefix of the epoch order)
+        self.follow, self.min_samples, self.poll_seconds = follow, max(1, min_samples), poll_seconds
+        self.order_setting, self.window_setting = order, window_shards
+        self.cache_bytes = cache_bytes
+        key = hashlib.sha256(f"{url}\0{self.fingerprint}".encode()).hexdigest()[:16]
+        self.cache = NodeCache(url, storage_options, key, self.format, root=cache_dir, node=node, budget_bytes=cache_bytes)
         self.skipped_shards: list[str] = []
+        self.epoch = 0
+        self._begin_epoch(0, self._committed())
+
+    # ------------------------------------------------------------------ the epoch's shards
+    def _committed(self) -> list[dict]:
+        """The shards to take into a new epoch: the manifest's, or (following a job still writing)
+        those committed now, waiting until they hold ``min_samples``; under torch.distributed,
+        rank 0's listing, so that every rank's epoch is the same."""
+        if not self.follow:
+            return _readable(self.manifest["shards"])
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return self._list_committed()
+        shards = [self._list_committed() if torch.distributed.get_rank() == 0 else None]
+        torch.distributed.broadcast_object_list(shards, src=0)
+        return shards[0]
+
+    def _list_committed(self) -> list[dict]:
+        fs, root = filesystem(self.url, self.storage_options)
+        while True:
+            m = read_json(fs, join(root, MANIFEST))
+            if m.get("complete"):
+                return _readable(m["shards"])
+            commits = load_commits(fs, root)
+            shards = _readable(commits[k] for k in sorted(commits))
+            if sum(s["rows"] for s in shards) >= self.min_samples:
+                return shards
+            log.info("--follow: %d samples committed in %s, waiting for %d", sum(s["rows"] for s in shards),
+                     redact_url(self.url), self.min_samples)
+            time.sleep(self.poll_seconds)
+
+    def _shards_by_name(self, names: list[str]) -> list[dict]:
+        known = {s["shard"]: s for s in _readable(self.manifest["shards"])}
+        if any(n not in known for n in names):
+            fs, root = filesystem(self.url, self.storage_options)
+            known.update({s["shard"]: s for s in _readable(load_commits(fs, root).values())})
+        missing = [n for n in names if n not in known]
+        if missing:
+            raise ShardError(f"the saved epoch names shards that {redact_url(self.url)} no longer has: {', '.join(missing[:5])}")
+        return [known[n] for n in names]
+
+    def _begin_epoch(self, epoch: int, shards: list[dict], mode: str | None = None, window: int | None = None) -> None:
+        self.epoch, self.consumed, self.shards = epoch, 0, shards
+        row_bytes = 8 + 48 + self.variants * self.tokens_per_image * 2  # label, a key, the tokens
+        shard_bytes = row_bytes * sum(s["rows"] for s in shards) / max(1, len(shards))
+        fits = row_bytes * sum(s["rows"] for s in shards) <= self.cache_bytes
+        self.mode = mode or (self.order_setting if self.order_setting != "auto" else "global" if fits else "window")
+        self.window_shards = window or self.window_setting or max(1, int(self.cache_bytes // 3 // max(1.0, shard_bytes)))
+        self.order = EpochOrder([s["rows"] for s in shards], self.seed, epoch, self.mode, self.window_shards, self.shuffle)
+        self.offsets = self.order.offsets
 
     def __len__(self) -> int:
-        return int(self.offsets[-1])
+        return len(self.order)
+
+    def close(self) -> None:
+        """Leave the node cache (the last process of the node to leave removes it; this also
+        happens at interpreter exit)."""
+        self.cache.close()
 
     # ------------------------------------------------------------------ state
     def set_epoch(self, epoch: int) -> None:
+        """Start ``epoch`` (a no-op for the current one): its shards are fixed now."""
         if epoch != self.epoch:
-            self.epoch, self.consumed = epoch, 0
+            self._begin_epoch(epoch, self._committed())
 
     def state_dict(self) -> dict:
         return {
             "seed": self.seed, "epoch": self.epoch, "consumed": self.consumed, "fingerprint": self.fingerprint,
-            "window_shards": self.window_shards,  # part of the order: a resume must reuse it
+            "order": self.mode, "window_shards": self.window_shards, "shards": [s["shard"] for s in self.shards],
         }
 
     def load_state_dict(self, state: Mapping) -> None:
         if state.get("fingerprint", self.fingerprint) != self.fingerprint:
             raise DatasetMismatch(f"state was saved on tokens of {state['fingerprint']}, this dataset is {self.fingerprint}")
-        self.seed, self.epoch, self.consumed = int(state["seed"]), int(state["epoch"]), int(state["consumed"])
-        self.window_shards = int(state.get("window_shards", self.window_shards))
+        self.seed = int(state["seed"])
+        names = state.get("shards")
+        shards = self._shards_by_name(list(names)) if names is not None else _readable(self.manifest["shards"])
+        # States saved before global order existed were in window order.
+        self._begin_epoch(int(state["epoch"]), shards, state.get("order", "window"), int(state["window_shards"]))
+        self.consumed = int(state["consumed"])
 
     def advance(self, samples_per_rank: int) -> None:
         """Record that every rank consumed ``samples_per_rank`` more samples (called per batch)."""
         self.consumed = min(len(self), self.consumed + samples_per_rank * self.world_size)
 
     # ------------------------------------------------------------------ order
-    def epoch_order(self, epoch: int | None = None) -> np.ndarray:
-        """All global sample ids of an epoch, in training order."""
-        epoch = self.epoch if epoch is None else epoch
-        n = len(self)
-        if not self.shuffle:
-            return np.arange(n, dtype=np.int64)
-        rng = np.random.default_rng([self.seed, epoch])
-        perm = rng.permutation(len(self.shards))
-        out = []
-        for w in range(0, len(perm), self.window_shards):
-            ids = np.concatenate([np.arange(self.offsets[s], self.offsets[s + 1]) for s in perm[w : w + self.window_shards]])
-            out.append(ids[rng.permutation(len(ids))])
-        return np.concatenate(out) if out else np.zeros(0, np.int64)
-
-    def positions(self, worker: int = 0, num_workers: int = 1) -> np.ndarray:
-        """Global sample ids this rank/worker yields from the current resume point, in order."""
-        remaining = self.epoch_order()[self.consumed :]
-        mine = remaining[self.rank :: self.world_size]
-        if num_workers == 1:
-            return mine
-        b = self.batch_size
-        chunk = np.arange(len(mine)) // b
-        return mine[chunk % num_workers == worker]
+    def epoch_order(self) -> np.ndarray:
+        """All global sample ids of the current epoch, in training order (for tests and small sets)."""
+        return self.order.at(np.arange(len(self.order)))
 
     def variant_of(self, key: str) -> int:
         if self.variants == 1:
@@ -278,57 +238,62 @@ class TokenDataset(IterableDataset):
         return int.from_bytes(h, "little") % self.variants
 
     # ------------------------------------------------------------------ reading
-    def _load(self, shard_idx: int):
-        shard = self.shards[shard_idx]
+    def _get(self, s: int) -> np.ndarray:
+        shard = self.shards[s]
         try:
-            data = self.cache.read(shard["path"])
-            if hashlib.sha256(data).hexdigest() != shard["sha256"]:
-                raise ShardError(f"shard {shard['path']} does not match its manifest checksum (corrupted or replaced)")
-            return decode_shard(data, self.format)
-        except ShardError:
-            raise
-        except Exception as e:  # noqa: BLE001 - any read/parse failure names the shard
-            raise ShardError(f"cannot read shard {shard['path']} of {self.url}: {type(e).__name__}: {e}") from e
+            return self.cache.get(shard["path"], shard["sha256"])
+        except Exception as e:  # noqa: BLE001 - any fetch/parse failure names the shard
+            detail = "does not match its manifest checksum (corrupted or replaced)" if "sha256" in str(e) else \
+                f"cannot be read: {type(e).__name__}: {e}"
+            raise ShardError(f"shard {shard['path']} of {redact_url(self.url)} {detail}") from e
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
-        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
-        ids = self.positions(worker, num_workers)
-        shard_of = np.searchsorted(self.offsets, ids, side="right") - 1
-        # Shards in first-use order, for read-ahead.
-        _, first = np.unique(shard_of, return_index=True)
-        upcoming = [int(s) for s in shard_of[np.sort(first)]]
-        loaded: dict[int, tuple] = {}
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        # Read ahead: in window order the next window (the cache is sized for about three), in
+        # global order a few shards per fetch thread (every shard stays once fetched).
+        lookahead = self.window_shards if self.mode == "window" else 2 * FETCH_THREADS
+        ahead = prefetcher(self._get, min(FETCH_THREADS, lookahead))
+        mapped: OrderedDict[int, np.ndarray | None] = OrderedDict()
+        keep = len(self.shards) if self.mode == "global" else 2 * self.window_shards + 1
         t = self.tokens_per_image
-        ahead = 0
-        for gid, s in zip(ids.tolist(), shard_of.tolist()):
-            if s not in loaded:
-                while ahead < len(upcoming) and upcoming[ahead] != s:
-                    ahead += 1
-                self.cache.prefetch([self.shards[x]["path"] for x in upcoming[ahead + 1 : ahead + 1 + self.window_shards]])
-                try:
-                    loaded[s] = self._load(s)
-                except ShardError as e:
-                    if not self.skip_bad_shards:
-                        raise
-                    log.error("skipping: %s", e)
-                    self.skipped_shards.append(self.shards[s]["path"])
-                    loaded[s] = None
-                if len(loaded) > self.window_shards + 1:  # keep memory to about a window of shards
-                    loaded.pop(next(iter(loaded)))
-            shard = loaded[s]
-            if info is None:  # iterated in this process: the state can count for itself
-                self.consumed = min(len(self), self.consumed + self.world_size)
-            if shard is None:
-                continue
-            keys, labels, tokens = shard
-            row = gid - int(self.offsets[s])
-            v = self.variant_of(keys[row])
-            yield {
-                "key": keys[row],
-                "label": int(labels[row]),
-                "tokens": torch.from_numpy(tokens[row, v * t : (v + 1) * t].astype(np.int64)),
-            }
+        for block in rank_positions(len(self.order), self.consumed, self.rank, self.world_size, worker, workers,
+                                    self.batch_size):
+            ids = self.order.at(block)
+            shard_of = self.order.shard_of(ids)
+            _, first = np.unique(shard_of, return_index=True)
+            upcoming = shard_of[np.sort(first)].tolist()  # this block's shards, in first-use order
+            for gid, s in zip(ids.tolist(), shard_of.tolist()):
+                if s not in mapped:
+                    i = upcoming.index(s)
+                    ahead(upcoming[i + 1 : i + 1 + lookahead])
+                    mapped[s] = self._read(s)
+                    if len(mapped) > keep:  # window order: a passed window's pages go
+                        old, _ = mapped.popitem(last=False)
+                        self.cache.forget(self.shards[old]["path"])
+                rows = mapped[s]
+                if info is None:  # iterated in this process: the state can count for itself
+                    self.consumed = min(len(self), self.consumed + self.world_size)
+                if rows is None:
+                    continue
+                row = rows[gid - int(self.offsets[s])]
+                key = row["key"].decode()
+                v = self.variant_of(key)
+                yield {
+                    "key": key,
+                    "label": int(row["label"]),
+                    "tokens": torch.from_numpy(row["tokens"][v * t : (v + 1) * t].astype(np.int64)),
+                }
+
+    def _read(self, s: int) -> np.ndarray | None:
+        try:
+            return self._get(s)
+        except ShardError as e:
+            if not self.skip_bad_shards:
+                raise
+            log.error("skipping: %s", e)
+            self.skipped_shards.append(self.shards[s]["path"])
+            return None
 
 
 def collate(samples: list[dict]) -> dict:

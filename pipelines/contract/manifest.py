@@ -1,6 +1,7 @@
 """The output dataset's layout, its manifest, and the refusal to mix tokenizers.
 
-    <output>/manifest.json               what a reader trusts: committed shards, checksums, totals
+    <output>/manifest.json               what a reader trusts: committed shards, checksums, totals;
+                                          written when a run starts (``complete: false``) and when it ends
     <output>/shards/shard-NNNNNN.parquet  (or .tar) one per work item
     <output>/rejects/shard-NNNNNN.parquet rejected inputs of that work item
     <output>/_state/plan.parquet          the work items, and the settings they were planned with

@@ -196,6 +196,9 @@ def run_tokenize(opts: TokenizeOptions) -> dict:
             commits = load_commits(fs, root)
             todo = items.select([i for i, shard in enumerate(items.shards) if shard not in commits])
             log.info("%d of %d work items already committed; %d to do", len(items) - len(todo), len(items), len(todo))
+            # The manifest exists from the start, marked incomplete until the end: a trainer refuses
+            # the dataset until then, or follows its commits with --follow.
+            write_manifest(fs, root, build_manifest(identity, info["config"], info["codebook_size"], commits, len(items), items.classes))
             stats = RunStats()
             if len(todo):
                 stats = run_items(
