@@ -255,3 +255,74 @@ def test_webdataset_token_shards_stream_like_parquet(tmp_path):
     b = [(s["key"], s["tokens"].tolist(), s["label"]) for s in TokenDataset(str(tmp_path / "wds"), rank=0, world_size=1)]
     c = [(s["key"], s["tokens"].tolist(), s["label"]) for s in TokenDataset(str(tmp_path / "pq"), rank=0, world_size=1)]
     assert sorted(a) == sorted(keys) and sorted(b) == sorted(c)
+
+
+# ---------------------------------------------------------------------------- follow mode
+def _shard_keys(out, shards) -> list[str]:
+    import pyarrow.parquet as pq
+
+    return [k for s in shards for k in pq.read_table(out / s["path"], columns=["key"]).column("key").to_pylist()]
+
+
+def test_follow_trains_on_a_job_still_writing_exactly_once_per_epoch_and_resumes(tmp_path):
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from tests.pipeline_data import write_folder
+
+    every = sorted(write_folder(tmp_path / "in", classes=4, per_class=30))
+    out = tmp_path / "out"
+    job = subprocess.Popen(
+        [sys.executable, "-m", "jobs.tokenize", "--input", str(tmp_path / "in"), "--output", str(out),
+         "--rows-per-shard", "2", "--max-bytes-in-flight", "1"],
+        cwd=Path(__file__).resolve().parents[1], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (out / "manifest.json").exists():
+            time.sleep(0.05)
+        ds = TokenDataset(str(out), rank=0, world_size=1, follow=True, min_samples=4, poll_seconds=0.1)
+        first = [s["shard"] for s in ds.shards]
+        assert 2 <= len(first) < 60, "the trainer should start while the job is still writing"
+        names = np.array(_shard_keys(out, ds.shards))
+        # Epoch 0: exactly the samples of the shards committed when it began, in the epoch's order.
+        assert [s["key"] for s in ds] == names[ds.epoch_order()].tolist()
+
+        ds.set_epoch(1)  # takes what was committed since
+        assert [s["shard"] for s in ds.shards][: len(first)] == first and len(ds.shards) >= len(first)
+        expected = np.array(_shard_keys(out, ds.shards))[ds.epoch_order()].tolist()
+        it = iter(ds)
+        head = [next(it)["key"] for _ in range(3)]
+        state = ds.state_dict()
+        resumed = TokenDataset(str(out), rank=0, world_size=1, follow=True, poll_seconds=0.1)
+        resumed.load_state_dict(json.loads(json.dumps(state)))  # the job may have committed more since
+        assert head + [s["key"] for s in resumed] == expected
+    finally:
+        assert job.wait(timeout=300) == 0
+    ds.set_epoch(2)  # the job has finished: the whole dataset
+    assert json.loads((out / "manifest.json").read_text())["complete"]
+    assert sorted(s["key"] for s in ds) == every
+
+
+def test_a_forked_loader_worker_never_closes_the_parents_s3_sessions(s3_bucket):
+    """Closing them in the child ran on the wrong event loop (tracebacks at each worker's exit)
+    and could end connections the parent still uses."""
+    import os
+    import weakref
+
+    from pipelines.contract.storage import filesystem
+
+    bucket, opts = s3_bucket
+    fs, _ = filesystem(f"s3://{bucket}/x", {**opts, "skip_instance_cache": True})
+    fs.ls(bucket)  # opens the session, whose finaliser closes it
+
+    def sessions() -> int:
+        return sum(getattr(i.func, "__qualname__", "") == "S3FileSystem.close_session" for i in weakref.finalize._registry.values())
+
+    assert sessions() >= 1
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0 if sessions() == 0 else 1)
+    assert os.waitpid(pid, 0)[1] == 0
+    assert sessions() >= 1  # the parent's own stay

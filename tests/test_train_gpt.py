@@ -135,3 +135,55 @@ def test_ray_train_two_workers(tmp_path, data):
     assert max(single.values()) - min(single.values()) > 1e-3  # the run really moves
     assert ray_losses.keys() == single.keys()
     assert all(abs(ray_losses[k] - single[k]) < 2e-5 for k in single)
+    # Two ranks really ran, each on its own samples.
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        assert json.loads(line)["world_size"] == 2 and json.loads(line)["distinct_rank_batches"] == 2
+
+
+def test_skip_bad_shards_through_the_cli_counts_and_logs_each(tmp_path, data, capsys, caplog):
+    import shutil
+
+    from jobs.train_gpt import main
+
+    bad = tmp_path / "bad"
+    shutil.copytree(data, bad)
+    (bad / "shards" / "shard-000001.parquet").unlink()  # missing
+    # A valid Parquet shard of other content under shard 3's name: only the checksum can tell.
+    shutil.copy(bad / "shards" / "shard-000004.parquet", bad / "shards" / "shard-000003.parquet")
+    args = ["--data", str(bad), "--global-batch", "8", "--max-steps", "12", "--log-every", "1", "--precision", "fp32",
+            "--cache-dir", str(tmp_path / "cache")]
+    with pytest.raises(SystemExit) as stopped:
+        main([*args, "--out", str(tmp_path / "strict")])
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and err.count("\n") == 1 and "shard-00000" in err and "Traceback" not in err
+
+    main([*args, "--out", str(tmp_path / "o"), "--skip-bad-shards"])
+    logged = caplog.text
+    assert "skipping: shard shards/shard-000001.parquet" in logged and "cannot be read" in logged
+    assert "skipping: shard shards/shard-000003.parquet" in logged and "does not match its manifest checksum" in logged
+    metrics = [json.loads(line) for line in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["skipped_shards"] == 2 and metrics[-1]["step"] == 12
+    # 79 of epoch 0's 120 samples were readable: 10 batches (the last one short), then epoch 1.
+    assert [m["epoch"] for m in metrics] == [0] * 10 + [1] * 2
+
+
+def test_torchrun_resumes_with_another_world_size(tmp_path, data):
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    exact = ["--global-batch", "12", "--log-every", "1", "--precision", "fp32", "--dropout", "0", "--class-dropout", "0",
+             "--lr", "1e-2", "--num-workers", "1", "--data", str(data), "--ckpt-every", "3"]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "run"
+    for nproc, steps, more in ((2, 3, []), (3, 7, ["--resume"])):
+        done = subprocess.run([torchrun, f"--nproc_per_node={nproc}", "-m", "jobs.train_gpt", *exact, "--out", str(out),
+                               "--max-steps", str(steps), *more], cwd=ROOT, env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert "resumed from step 3 (epoch 0, 36 samples into it)" in done.stderr
+    train(TrainConfig(data=str(data), out=str(tmp_path / "ref"), max_steps=7, global_batch=12, log_every=1,
+                      precision="fp32", dropout=0.0, class_dropout=0.0, lr=1e-2))
+    ours, ref = _losses(out / "metrics.jsonl"), _losses(tmp_path / "ref" / "metrics.jsonl")
+    assert ours.keys() == ref.keys() == set(range(1, 8))
+    # 2 ranks, then 3, against 1: the same global batches (epoch 1 starts at step 6), losses equal up
+    # to float reduction order.
+    assert all(abs(ours[k] - ref[k]) < 1e-4 for k in ref)
+    worlds = [json.loads(line)["world_size"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert worlds == [2, 2, 2, 3, 3, 3, 3]

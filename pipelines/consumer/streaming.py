@@ -72,7 +72,8 @@ class TokenDataset(IterableDataset):
             stays a prefix of the order (needed for exact resume).
         expected_fingerprint: refuse a dataset made by another tokenizer.
         vocab_size: refuse a dataset whose codebook differs from the model's vocabulary.
-        skip_bad_shards: log and count unreadable shards instead of stopping.
+        skip_bad_shards: log and count unreadable shards instead of stopping (each is listed once in
+            ``skipped_shards`` of the process that met it, and not fetched again).
         follow: train on a dataset its tokenization job is still writing: each epoch takes the
             shards committed when it begins (waiting for ``min_samples`` of them). Without it an
             incomplete dataset is refused.
@@ -286,13 +287,16 @@ class TokenDataset(IterableDataset):
                 }
 
     def _read(self, s: int) -> np.ndarray | None:
+        path = self.shards[s]["path"]
+        if path in self.skipped_shards:  # found bad in an earlier epoch: not fetched again
+            return None
         try:
             return self._get(s)
         except ShardError as e:
             if not self.skip_bad_shards:
                 raise
             log.error("skipping: %s", e)
-            self.skipped_shards.append(self.shards[s]["path"])
+            self.skipped_shards.append(path)
             return None
 
 

@@ -22,6 +22,7 @@ import hashlib
 import io
 import json
 import os
+import weakref
 import uuid
 from collections.abc import Mapping
 
@@ -59,6 +60,22 @@ def filesystem(url: str, storage_options: Mapping | None = None) -> tuple[fsspec
         # options (no listing cache) are ours alone in fsspec's instance cache, so this is safe.
         fs.retries = 1
     return fs, path.rstrip("/") if path != "/" else path
+
+
+def _forget_inherited_sessions() -> None:
+    """In a forked child (a DataLoader worker), drop the finalisers of the parent's S3 sessions.
+
+    They share the parent's sockets and belong to the parent's event loop thread, which the child
+    does not have: run in the child, a finaliser closes them on whatever loop is current (printing
+    "attached to a different loop" tracebacks) and could end connections the parent still uses.
+    The child opens sessions of its own (fsspec empties its instance cache in a new process)."""
+    for ref, info in list(weakref.finalize._registry.items()):  # noqa: SLF001 - no public way to list them
+        if getattr(info.func, "__qualname__", "") == "S3FileSystem.close_session":
+            ref.detach()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_inherited_sessions)
 
 
 def is_local(fs: fsspec.AbstractFileSystem) -> bool:
