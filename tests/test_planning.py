@@ -47,11 +47,11 @@ def test_plan_round_trips_through_parquet_and_items_are_built_on_demand(tmp_path
     assert identity == {"fingerprint": "x"} and back.classes == ["class0", "class1", "class2"]
     assert list(back) == list(p)
     assert [(i.shard, i.start, i.stop, i.unit, i.labels) for i in back] == [
-        ("shard-000000", 0, 4, f"{tmp_path}#0", (0, 0, 0, 1)),
-        ("shard-000001", 4, 8, f"{tmp_path}#4", (1, 1, 2, 2)),
+        ("shard-000000", 0, 4, f"{tmp_path}#0", (0, 1, 2, 0)),  # classes interleaved
+        ("shard-000001", 4, 8, f"{tmp_path}#4", (1, 2, 0, 1)),
         ("shard-000002", 8, 9, f"{tmp_path}#8", (2,)),
     ]
-    assert back[1].files == ("class1/img1.png", "class1/img2.png", "class2/img0.png", "class2/img1.png")
+    assert back[1].files == ("class1/img1.png", "class2/img1.png", "class0/img2.png", "class1/img2.png")
     assert back[2].sizes == ((tmp_path / "class2" / "img2.png").stat().st_size,)
     assert back.select([2, 0]).shards == ["shard-000002", "shard-000000"]
 
@@ -73,8 +73,10 @@ def test_extend_appends_new_files_and_reports_vanished_and_changed(tmp_path):
     assert list(grown)[: len(stored)] == list(stored)  # planned items are untouched
     new = list(grown)[len(stored) :]
     assert [i.shard for i in new] == ["shard-000002", "shard-000003"]
-    assert [f for i in new for f in i.files] == ["class0/img9.png", *(f"class9/n{i}.png" for i in range(4))]
-    assert [lab for i in new for lab in i.labels] == [0, 2, 2, 2, 2]
+    # The new files interleaved by class among themselves, as a new plan's are.
+    assert [f for i in new for f in i.files] == ["class9/n0.png", "class9/n1.png", "class0/img9.png", "class9/n2.png",
+                                                 "class9/n3.png"]
+    assert [lab for i in new for lab in i.labels] == [2, 2, 0, 2, 2]
     assert [(i.start, i.stop, i.unit) for i in new] == [(6, 10, f"{tmp_path}#6"), (10, 11, f"{tmp_path}#10")]
     # Nothing new: the same plan, nothing to add.
     again = extend(grown, str(tmp_path), "folder", rows_per_shard=4)
@@ -105,3 +107,21 @@ def test_a_file_that_changed_after_planning_is_refused_not_mixed_in(tmp_path):
 def test_unknown_format_is_refused(tmp_path):
     with pytest.raises(ValueError, match="unknown input format"):
         plan(str(tmp_path), "zip", 10)
+
+
+def test_class_folders_are_interleaved_so_every_shard_samples_all_classes(tmp_path):
+    for c, n in enumerate((40, 10, 30)):  # unequal classes
+        (tmp_path / f"c{c}").mkdir()
+        for i in range(n):
+            (tmp_path / f"c{c}" / f"{i:03d}.png").write_bytes(b"x")
+    p = plan(str(tmp_path), "folder", rows_per_shard=20)
+    items = list(p)
+    for item in items:  # each class in proportion to its size: 10, 2.5 and 7.5 of every 20
+        counts = [item.labels.count(c) for c in range(3)]
+        assert all(abs(k - 20 * n / 80) <= 1 for k, n in zip(counts, (40, 10, 30))), counts
+    files = [f for item in items for f in item.files]
+    assert sorted(files) == sorted(str(q.relative_to(tmp_path)) for q in tmp_path.rglob("*.png"))
+    for c in range(3):  # a class keeps its listing order
+        mine = [f for f in files if f.startswith(f"c{c}/")]
+        assert mine == sorted(mine)
+

@@ -216,11 +216,31 @@ def _folder_classes(rel: pa.Array) -> list[str]:
     return sorted(pc.unique(first).to_pylist())
 
 
+def _interleaved(labels: np.ndarray) -> np.ndarray:
+    """The plan order of a folder's files (given in listing order, with their class labels): the
+    classes interleaved, each spread evenly over the whole plan (the i-th of a class's n files sits
+    at fraction (i + 0.5) / n; ties by label), each class's files kept in listing order.
+
+    A listing of class folders is sorted by class; planned as is, each shard would hold one or two
+    classes, and a trainer that shuffles by windows of shards (a set larger than its node cache)
+    would see few classes per window. Interleaved, every shard holds a sample of all classes."""
+    n = len(labels)
+    if n == 0 or (labels == labels[0]).all():
+        return np.arange(n)
+    by_class = np.argsort(labels, kind="stable")
+    starts = np.r_[0, np.flatnonzero(np.diff(labels[by_class])) + 1]
+    counts = np.diff(np.r_[starts, n])
+    fraction = np.empty(n)
+    fraction[by_class] = (np.arange(n) - np.repeat(starts, counts) + 0.5) / np.repeat(counts, counts)
+    return np.lexsort((labels, fraction))
+
+
 def _folder_table(url: str, rel: pa.Array, sizes: pa.Array, classes: list[str], rows_per_shard: int,
                   first_shard: int, first_file: int) -> pa.Table:
     """Work items of a folder's files, ``rows_per_shard`` each, built as Arrow arrays: a 14M-file
     plan never becomes 14M Python strings. A file's label is its class folder's index in
-    ``classes`` (-1: no class). Item k covers files ``first_file + k*rows_per_shard ...`` of the plan."""
+    ``classes`` (-1: no class); classes are interleaved (see :func:`_interleaved`). Item k covers
+    files ``first_file + k*rows_per_shard ...`` of the plan."""
     n = len(rel)
     if classes:
         first, nested = _first_parts(rel)
@@ -228,6 +248,8 @@ def _folder_table(url: str, rel: pa.Array, sizes: pa.Array, classes: list[str], 
         labels = pc.if_else(nested, pc.fill_null(index, -1), -1).cast(pa.int32())
     else:
         labels = pa.array(np.full(n, -1, np.int32))
+    order = pa.array(_interleaved(labels.to_numpy(zero_copy_only=False)))
+    rel, sizes, labels = rel.take(order), sizes.take(order), labels.take(order)
     starts = np.arange(0, n, rows_per_shard, dtype=np.int64)
     offsets = pa.array(np.append(starts, n).astype(np.int32))
     size_values = sizes.to_numpy(zero_copy_only=False).astype(np.int64)
