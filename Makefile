@@ -39,6 +39,7 @@ bench: $(VENV)/.ready-bench  ## benchmarks (print side-by-side ratios)
 	$(PY) -m bench.ray_data
 	$(PY) -m bench.bf16_agreement
 	$(PY) -m bench.dry_run
+	$(PY) -m bench.node_cache
 
 clean:
 	rm -rf out .pytest_cache

@@ -12,7 +12,8 @@ node cache, and how well the epoch order mixes a class-sorted dataset.
     images, 1,024 per shard, so most shards hold one class; and ImageNet-21k's: 21,841 classes of
     ~640), the classes seen in the first 2% of an epoch: global order vs a full random permutation
     (target >= 0.95), and the window order this replaced (256 shards per window, its default for 1 MiB
-    shards) for comparison. Computed from the orders themselves (no data is read).
+    shards) for comparison, on a class-sorted plan (as plans were) and on the interleaved plan the
+    job now makes of a folder. Computed from the orders themselves (no data is read).
 
 Run: ``python -m bench.node_cache`` (about a minute on 2 cores).
 """
@@ -35,6 +36,7 @@ import numpy as np
 from bench.s3_faults import _free_port, _wait_for
 from jobs.cli import parse_config, setup_logging
 from pipelines.consumer.order import EpochOrder
+from pipelines.producer.planning import interleaved_order
 
 log = logging.getLogger("bench.node_cache")
 
@@ -120,13 +122,16 @@ def classes_seen(rows_per_class: int, classes: int, per_shard: int, share: float
     rows = np.full(-(-n // per_shard), per_shard)
     rows[-1] = n - per_shard * (len(rows) - 1)
     first = np.arange(int(n * share))
+    planned = labels[interleaved_order(labels)]  # the same folder as the job now plans it
+    window = EpochOrder(rows, 0, 0, "window", window_shards).at(first)
     seen = {
         "random_permutation": len(np.unique(labels[np.random.default_rng(0).permutation(n)[: len(first)]])),
         "global": len(np.unique(labels[EpochOrder(rows, 0, 0, "global", 1).at(first)])),
-        "window": len(np.unique(labels[EpochOrder(rows, 0, 0, "window", window_shards).at(first)])),
+        "window": len(np.unique(labels[window])),
+        "windowinterleaved_order_plan": len(np.unique(planned[window])),
     }
-    return {**seen, "global_vs_random": round(seen["global"] / seen["random_permutation"], 3),
-            "window_vs_random": round(seen["window"] / seen["random_permutation"], 3)}
+    return {**seen, **{f"{k}_vs_random": round(seen[k] / seen["random_permutation"], 3)
+                       for k in ("global", "window", "windowinterleaved_order_plan")}}
 
 
 def main(argv=None) -> dict:
@@ -185,8 +190,9 @@ def main(argv=None) -> dict:
              cfg.cache_bytes, node["left_in_cache_root"] or "nothing")
     for name, q in out["shuffle_first_2pct"].items():
         log.info("(b) %s, classes in the first 2%% of an epoch: global order %d, random permutation %d (ratio %.3f, "
-                 "target >= 0.95); window order %d (ratio %.3f)", name, q["global"], q["random_permutation"],
-                 q["global_vs_random"], q["window"], q["window_vs_random"])
+                 "target >= 0.95); window order %d (ratio %.3f) on a class-sorted plan, %d (ratio %.3f) on the "
+                 "interleaved plan", name, q["global"], q["random_permutation"], q["global_vs_random"], q["window"],
+                 q["window_vs_random"], q["windowinterleaved_order_plan"], q["windowinterleaved_order_plan_vs_random"])
     print(json.dumps(out, indent=1))
     return out
 

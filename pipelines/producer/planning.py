@@ -216,7 +216,7 @@ def _folder_classes(rel: pa.Array) -> list[str]:
     return sorted(pc.unique(first).to_pylist())
 
 
-def _interleaved(labels: np.ndarray) -> np.ndarray:
+def interleaved_order(labels: np.ndarray) -> np.ndarray:
     """The plan order of a folder's files (given in listing order, with their class labels): the
     classes interleaved, each spread evenly over the whole plan (the i-th of a class's n files sits
     at fraction (i + 0.5) / n; ties by label), each class's files kept in listing order.
@@ -239,7 +239,7 @@ def _folder_table(url: str, rel: pa.Array, sizes: pa.Array, classes: list[str], 
                   first_shard: int, first_file: int) -> pa.Table:
     """Work items of a folder's files, ``rows_per_shard`` each, built as Arrow arrays: a 14M-file
     plan never becomes 14M Python strings. A file's label is its class folder's index in
-    ``classes`` (-1: no class); classes are interleaved (see :func:`_interleaved`). Item k covers
+    ``classes`` (-1: no class); classes are interleaved (see :func:`interleaved_order`). Item k covers
     files ``first_file + k*rows_per_shard ...`` of the plan."""
     n = len(rel)
     if classes:
@@ -248,7 +248,7 @@ def _folder_table(url: str, rel: pa.Array, sizes: pa.Array, classes: list[str], 
         labels = pc.if_else(nested, pc.fill_null(index, -1), -1).cast(pa.int32())
     else:
         labels = pa.array(np.full(n, -1, np.int32))
-    order = pa.array(_interleaved(labels.to_numpy(zero_copy_only=False)))
+    order = pa.array(interleaved_order(labels.to_numpy(zero_copy_only=False)))
     rel, sizes, labels = rel.take(order), sizes.take(order), labels.take(order)
     starts = np.arange(0, n, rows_per_shard, dtype=np.int64)
     offsets = pa.array(np.append(starts, n).astype(np.int32))
