@@ -187,3 +187,21 @@ def test_torchrun_resumes_with_another_world_size(tmp_path, data):
     assert all(abs(ours[k] - ref[k]) < 1e-4 for k in ref)
     worlds = [json.loads(line)["world_size"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert worlds == [2, 2, 2, 3, 3, 3, 3]
+
+
+def test_an_incomplete_dataset_is_refused_in_one_line_unless_followed(tmp_path, data, capsys):
+    import shutil
+
+    from jobs.train_gpt import main
+
+    partial = tmp_path / "partial"
+    shutil.copytree(data, partial)
+    manifest = json.loads((partial / "manifest.json").read_text())
+    (partial / "manifest.json").write_text(json.dumps({**manifest, "complete": False}))  # a job still writing
+    args = ["--data", str(partial), "--global-batch", "8", "--max-steps", "2", "--precision", "fp32", "--log-every", "1"]
+    with pytest.raises(SystemExit) as stopped:
+        main([*args, "--out", str(tmp_path / "a")])
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and err.count("\n") == 1 and "--follow" in err and "incomplete" in err
+    main([*args, "--out", str(tmp_path / "b"), "--follow"])
+    assert json.loads((tmp_path / "b" / "latest.json").read_text())["step"] == 2
