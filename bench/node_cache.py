@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.s3_faults import _free_port, _wait_for
+from bench.local_s3 import moto_server
 from jobs.cli import parse_config, setup_logging
 from pipelines.consumer.order import EpochOrder
 from pipelines.producer.planning import interleaved_order
@@ -137,37 +137,23 @@ def classes_seen(rows_per_class: int, classes: int, per_shard: int, share: float
 def main(argv=None) -> dict:
     setup_logging()
     cfg = parse_config(BenchConfig, argv, description=__doc__)
-    import boto3
     import s3fs
 
     from infra.s3_fault_proxy import FaultProxy
 
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
-        os.environ.setdefault(k, "bench")
-    port = _free_port()
-    endpoint = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        _wait_for(port)
-        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="bench")
+    with moto_server() as (endpoint, _), tempfile.TemporaryDirectory() as tmp, FaultProxy(endpoint) as proxy:
+        tmp = Path(tmp)
         direct = {"client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"}}
-        with tempfile.TemporaryDirectory() as tmp, FaultProxy(endpoint) as proxy:
-            tmp = Path(tmp)
-            shard_bytes = _dataset(tmp / "ds", cfg)
-            # Kept alive until the proxy stops: its finaliser, run by a collection in the proxy's
-            # thread, would close it on the proxy's event loop and print a traceback.
-            uploader = s3fs.S3FileSystem(skip_instance_cache=True, **direct)
-            uploader.put(str(tmp / "ds"), "bench/tokens", recursive=True)
-            opts = {**direct, "client_kwargs": {**direct["client_kwargs"], "endpoint_url": proxy.endpoint}}
-            runs = {
-                "cache_per_node": epoch_bytes(cfg, "s3://bench/tokens", opts, proxy, ["a", "a", "b", "b"], tmp / "c1"),
-                "cache_per_rank": epoch_bytes(cfg, "s3://bench/tokens", opts, proxy, ["r0", "r1", "r2", "r3"], tmp / "c2"),
-            }
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+        shard_bytes = _dataset(tmp / "ds", cfg)
+        # Kept alive until the proxy stops: its finaliser, run by a collection in the proxy's
+        # thread, would close it on the proxy's event loop and print a traceback.
+        uploader = s3fs.S3FileSystem(skip_instance_cache=True, **direct)
+        uploader.put(str(tmp / "ds"), "bench/tokens", recursive=True)
+        opts = {**direct, "client_kwargs": {**direct["client_kwargs"], "endpoint_url": proxy.endpoint}}
+        runs = {
+            "cache_per_node": epoch_bytes(cfg, "s3://bench/tokens", opts, proxy, ["a", "a", "b", "b"], tmp / "c1"),
+            "cache_per_rank": epoch_bytes(cfg, "s3://bench/tokens", opts, proxy, ["r0", "r1", "r2", "r3"], tmp / "c2"),
+        }
     for r in runs.values():
         r["bytes_over_dataset"] = round(r["bytes_served"] / shard_bytes, 3)
     out = {

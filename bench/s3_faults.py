@@ -17,15 +17,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bench.local_s3 import cpu_seconds, free_port, moto_server, wait_for
 from bench.pipeline import write_jpegs
 from jobs.cli import parse_config, setup_logging
 from jobs.tokenize import TokenizeConfig, run
@@ -47,83 +45,57 @@ class BenchConfig:
     latency_ms: float = field(default=20.0, metadata={"help": "delay added to every request in the latency run"})
 
 
-def _wait_for(port: int, seconds: float = 60.0) -> None:
-    deadline = time.monotonic() + seconds
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.1)
+def _runs(cfg: BenchConfig, endpoint: str, server, slow, latency_port: int):
+    """The four runs; returns their summaries, the server's and latency proxy's CPU seconds per run,
+    the faults injected and each output's manifest shards."""
+    import s3fs
 
+    from infra.s3_fault_proxy import FaultProxy, FaultRates
 
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    direct = {"client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"}}
+    with tempfile.TemporaryDirectory() as tmp:
+        write_jpegs(Path(tmp) / "in", cfg.images)
+        s3fs.S3FileSystem(skip_instance_cache=True, **direct).put(f"{tmp}/in", "bench/in", recursive=True)
+        faults = FaultRates(slowdown=cfg.slowdown, reset=cfg.reset, truncate=cfg.truncate)
+        with FaultProxy(endpoint, faults, seed=cfg.seed) as flaky, ray_session():
+            def via(proxy_endpoint):
+                return {**direct, "client_kwargs": {**direct["client_kwargs"], "endpoint_url": proxy_endpoint}}
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+            runs = {"local": (f"{tmp}/in", f"{tmp}/out", {}), "clean": ("s3://bench/in", "s3://bench/out-clean", direct),
+                    "faults": ("s3://bench/in", "s3://bench/out-faults", via(flaky.endpoint)),
+                    "latency": ("s3://bench/in", "s3://bench/out-latency", via(f"http://127.0.0.1:{latency_port}"))}
+            # A first run starts Ray's worker processes; it is not measured.
+            run(TokenizeConfig(input=f"{tmp}/in", output=f"{tmp}/warm-up", rows_per_shard=cfg.rows_per_shard))
+            summaries, server_cpu = {}, {}
+            for name, (src, dst, opts) in runs.items():
+                before = cpu_seconds(server.pid) + cpu_seconds(slow.pid)
+                summaries[name] = run(TokenizeConfig(input=src, output=dst, rows_per_shard=cfg.rows_per_shard,
+                                                     storage_options=json.dumps(opts)))
+                server_cpu[name] = round(cpu_seconds(server.pid) + cpu_seconds(slow.pid) - before, 2)
+            injected = flaky.counts
+        fs = s3fs.S3FileSystem(skip_instance_cache=True, **direct)
+        shards = {n: json.loads(fs.cat_file(f"bench/out-{n}/manifest.json"))["shards"] for n in ("clean", "faults", "latency")}
+        shards["local"] = json.loads((Path(tmp) / "out" / "manifest.json").read_text())["shards"]
+    return summaries, server_cpu, injected, shards
 
 
 def main(argv=None) -> dict:
     setup_logging()
     cfg = parse_config(BenchConfig, argv, description=__doc__)
-    import boto3
-    import s3fs
-
-    from infra.s3_fault_proxy import FaultProxy, FaultRates
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
-        os.environ.setdefault(k, "bench")
-    port, latency_port = _free_port(), _free_port()
-    endpoint = f"http://127.0.0.1:{port}"
+    latency_port = free_port()
     # The server and the latency proxy run as processes of their own, as a real store and network
     # are: in this process they would share the driver's interpreter lock. Their CPU time is taken
     # from the same 2 cores, so it is measured and reported per run.
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    slow = subprocess.Popen([sys.executable, "-m", "infra.s3_fault_proxy", "--upstream", endpoint, "--port",
-                             str(latency_port), "--slow", "1", "--slow-seconds", str(cfg.latency_ms / 1000)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        _wait_for(port)
-        _wait_for(latency_port)
-        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="bench")
-        direct = {"client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"}}
-        with tempfile.TemporaryDirectory() as tmp:
-            write_jpegs(Path(tmp) / "in", cfg.images)
-            s3fs.S3FileSystem(skip_instance_cache=True, **direct).put(f"{tmp}/in", "bench/in", recursive=True)
-            faults = FaultRates(slowdown=cfg.slowdown, reset=cfg.reset, truncate=cfg.truncate)
-            with FaultProxy(endpoint, faults, seed=cfg.seed) as flaky, ray_session():
-                def via(proxy_endpoint):
-                    return {**direct, "client_kwargs": {**direct["client_kwargs"], "endpoint_url": proxy_endpoint}}
-
-                runs = {"local": (f"{tmp}/in", f"{tmp}/out", {}), "clean": ("s3://bench/in", "s3://bench/out-clean", direct),
-                        "faults": ("s3://bench/in", "s3://bench/out-faults", via(flaky.endpoint)),
-                        "latency": ("s3://bench/in", "s3://bench/out-latency", via(f"http://127.0.0.1:{latency_port}"))}
-                # A first run starts Ray's worker processes; it is not measured.
-                run(TokenizeConfig(input=f"{tmp}/in", output=f"{tmp}/warm-up", rows_per_shard=cfg.rows_per_shard))
-                summaries, server_cpu = {}, {}
-                for name, (src, dst, opts) in runs.items():
-                    before = _cpu_seconds(server.pid) + _cpu_seconds(slow.pid)
-                    summaries[name] = run(TokenizeConfig(input=src, output=dst, rows_per_shard=cfg.rows_per_shard,
-                                                         storage_options=json.dumps(opts)))
-                    server_cpu[name] = round(_cpu_seconds(server.pid) + _cpu_seconds(slow.pid) - before, 2)
-                injected = flaky.counts
-            fs = s3fs.S3FileSystem(skip_instance_cache=True, **direct)
-            shards = {n: json.loads(fs.cat_file(f"bench/out-{n}/manifest.json"))["shards"] for n in ("clean", "faults", "latency")}
-            shards["local"] = json.loads((Path(tmp) / "out" / "manifest.json").read_text())["shards"]
-    finally:
-        for proc in (slow, server):
-            proc.terminate()
-            proc.wait(timeout=30)
+    with moto_server() as (endpoint, server):
+        slow = subprocess.Popen([sys.executable, "-m", "infra.s3_fault_proxy", "--upstream", endpoint, "--port",
+                                 str(latency_port), "--slow", "1", "--slow-seconds", str(cfg.latency_ms / 1000)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            wait_for(latency_port)
+            summaries, server_cpu, injected, shards = _runs(cfg, endpoint, server, slow, latency_port)
+        finally:
+            slow.terminate()
+            slow.wait(timeout=30)
     speed = {n: summaries[n]["this_run"]["images_per_s"] for n in summaries}
     storage = summaries["faults"]["this_run"]["storage"]
     result = {
@@ -136,7 +108,7 @@ def main(argv=None) -> dict:
         "job_seconds": {n: summaries[n]["this_run"]["seconds"] for n in summaries},
         "requests_per_image": round(storage["requests"] / cfg.images, 2),
         "retries_counted": storage["retries_by_kind"],
-        "faults_injected": {k: v for k, v in injected.items() if v and k != "max_in_flight"},
+        "faults_injected": {k: v for k, v in injected.items() if v and k not in ("max_in_flight", "bytes_out")},
         "identical_outputs": all(shards[n] == shards["local"] for n in shards),
     }
     print(json.dumps(result, indent=1))
