@@ -236,6 +236,7 @@ def train(cfg: TrainConfig) -> dict:
                     "lr": cfg.lr, "samples_per_s": seen / elapsed if elapsed else 0.0, "world_size": world,
                     "distinct_rank_batches": _distinct_batches(batch["key"], world),
                     "epoch_samples": len(ds), "skipped_shards": len(ds.skipped_shards),
+                    "node_cache_bytes": ds.cache.held_bytes(),
                 }
                 if rank == 0:
                     bar.set_postfix(loss=f"{last['loss']:.4f}", samples_s=f"{last['samples_per_s']:.0f}")

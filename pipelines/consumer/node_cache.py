@@ -97,14 +97,13 @@ class NodeCache:
         self.url, self.storage_options, self.fmt = url, dict(storage_options or {}), fmt
         self.dir = os.path.join(root or default_root(), f"vfmtok-{key}", f"node-{node or node_name()}")
         self.budget = budget_bytes
-        self.fetched_bytes = 0  # downloaded by this process (each shard once per node across processes)
         self._pid, self._fs, self._users, self._maps, self._lock = None, None, None, {}, threading.Lock()
         self._owner = os.getpid()  # only this process removes the folder (never a DataLoader worker)
         self._attach()
 
     def __getstate__(self) -> dict:  # a DataLoader worker attaches on its own
         state = dict(self.__dict__)
-        state.update(_pid=None, _fs=None, _users=None, _maps={}, _lock=None, fetched_bytes=0)
+        state.update(_pid=None, _fs=None, _users=None, _maps={}, _lock=None)
         return state
 
     def _attach(self) -> None:
@@ -179,7 +178,6 @@ class NodeCache:
 
     def _fetch_verified(self, path: str, sha256: str) -> bytes:
         data = read_bytes(self._filesystem(), join(self._root, path))
-        self.fetched_bytes += len(data)
         if hashlib.sha256(data).hexdigest() != sha256:
             raise ChecksumMismatch(f"{path}: its bytes do not match the manifest's sha256")
         return data
@@ -234,7 +232,7 @@ def prefetcher(get: Callable[[int], object], threads: int) -> Callable[[list[int
     """``ahead(shards)`` starts fetching ``shards`` on up to ``threads`` background threads (each
     shard at most once per process); errors are left for the reader's own ``get`` to raise."""
     started: set[int] = set()
-    lock = threading.Semaphore(threads)
+    slots = threading.Semaphore(threads)
 
     def run(shard: int) -> None:
         try:
@@ -242,13 +240,13 @@ def prefetcher(get: Callable[[int], object], threads: int) -> Callable[[list[int
         except Exception:  # noqa: BLE001 - the reader fetches again and reports it
             log.debug("read-ahead of shard %d failed", shard, exc_info=True)
         finally:
-            lock.release()
+            slots.release()
 
     def ahead(shards: list[int]) -> None:
         for s in shards:
             if s in started:
                 continue
-            if not lock.acquire(blocking=False):
+            if not slots.acquire(blocking=False):
                 return
             started.add(s)
             threading.Thread(target=run, args=(s,), daemon=True).start()
