@@ -9,11 +9,11 @@ run would have used.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -28,7 +28,7 @@ from pipelines.contract.redact import redact, redact_url
 from pipelines.contract.storage import filesystem, is_local, join, read_json
 from pipelines.consumer.streaming import DatasetIncomplete, DatasetMismatch, ShardError, TokenDataset, TokenLoader
 from vfmtok_core.gpt import GPT, GPT_CONFIGS
-from vfmtok_core.training import EMA, adamw
+from vfmtok_core.training import EMA, Throughput, adamw, peak_tflops
 
 log = logging.getLogger("jobs.train_gpt")
 
@@ -60,6 +60,10 @@ class TrainConfig:
     fsdp: bool = field(default=False, metadata={"help": "shard parameters with FSDP instead of DDP"})
     ray_workers: int = field(default=0, metadata={"help": "run on Ray Train with this many workers"})
     skip_bad_shards: bool = field(default=False, metadata={"help": "log and skip unreadable shards"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimiser step on each rank (the global batch is kept; data order and loss do not depend on it)"})
+    activation_checkpointing: bool = field(default=False, metadata={"help": "recompute each block's activations in the backward pass (less memory, about a third more compute; for GPT-XL and larger)"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile each transformer block (regional compilation)"})
+    peak_tflops: float = field(default=0.0, metadata={"help": "the device's peak dense TFLOP/s for MFU (0: known GPUs by name; none on a CPU)"})
     follow: bool = field(default=False, metadata={"help": "train on a dataset its tokenization job is still writing: each epoch takes the shards committed when it begins"})
     order: str = field(default="auto", metadata={"help": "sample order: a global permutation, shard windows, or auto (global when the set fits --cache-bytes)", "choices": ["auto", "global", "window"]})
     cache_dir: str | None = field(default=None, metadata={"help": "root of the node's shard cache (default: $VFMTOK_CACHE_DIR or the temp folder)"})
@@ -108,6 +112,25 @@ def _restore(model, opt, model_state: dict, opt_state: dict) -> None:
 
     set_state_dict(model, opt, model_state_dict=model_state, optim_state_dict=opt_state,
                    options=StateDictOptions(full_state_dict=True))
+
+
+def _gradient_sync(wrapped: torch.nn.Module, sync: bool):
+    """Reduce gradients across ranks only on a step's last micro-batch (DDP's ``no_sync``, FSDP's
+    ``set_requires_gradient_sync``); the others accumulate locally."""
+    if sync:
+        return contextlib.nullcontext()
+    if hasattr(wrapped, "no_sync"):
+        return wrapped.no_sync()
+    if hasattr(wrapped, "set_requires_gradient_sync"):
+        @contextlib.contextmanager
+        def paused():
+            wrapped.set_requires_gradient_sync(False)
+            try:
+                yield
+            finally:
+                wrapped.set_requires_gradient_sync(True)
+        return paused()
+    return contextlib.nullcontext()
 
 
 def _any_rank_out(out: bool, world: int) -> bool:
@@ -161,6 +184,9 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.global_batch % world:
         raise SystemExit(f"--global-batch {cfg.global_batch} is not divisible by the world size {world}")
     per_rank = cfg.global_batch // world
+    if cfg.grad_accum < 1 or per_rank % cfg.grad_accum:
+        raise UsageError(f"--grad-accum {cfg.grad_accum} must divide the per-rank batch {per_rank} (--global-batch / world size)")
+    micro = per_rank // cfg.grad_accum
     ckpt = load_latest(cfg.out, so)
     if ckpt is not None and not cfg.resume:
         raise SystemExit(f"{redact_url(cfg.out)} already holds checkpoints; pass --resume to continue, or use another --out")
@@ -181,7 +207,12 @@ def train(cfg: TrainConfig) -> dict:
         class_dropout=cfg.class_dropout, token_dropout=cfg.dropout, resid_dropout=cfg.dropout, ffn_dropout=cfg.dropout,
     ).to(device)
     model.train()
+    model.activation_checkpointing = cfg.activation_checkpointing
+    if cfg.compile:
+        for block in model.layers:  # per block: compiles once for all blocks, and FSDP wraps blocks
+            block.compile()
     wrapped = _wrap(model, cfg, world, device)
+    meter = Throughput(model, cfg.peak_tflops or peak_tflops(device), world)
     ema = EMA(model, cfg.ema)
     opt = adamw(wrapped, cfg.lr, (cfg.beta1, cfg.beta2), cfg.weight_decay)
     step = 0
@@ -192,7 +223,7 @@ def train(cfg: TrainConfig) -> dict:
         step = ckpt["step"]
         if rank == 0:
             log.info("resumed from step %d (epoch %d, %d samples into it)", step, ds.epoch, ds.consumed)
-    loader = TokenLoader(ds, per_rank, num_workers=cfg.num_workers)
+    loader = TokenLoader(ds, micro, num_workers=cfg.num_workers)
 
     out_fs, out_root = filesystem(cfg.out, so)
     metrics_path = cfg.metrics or (join(out_root, "metrics.jsonl") if is_local(out_fs) else None)
@@ -201,7 +232,6 @@ def train(cfg: TrainConfig) -> dict:
     # An epoch's length is fixed when it begins (in follow mode it grows from epoch to epoch).
     bar = tqdm(total=cfg.max_steps or None, initial=step, desc="train", unit="step", disable=rank != 0, dynamic_ncols=True)
     last: dict = {}
-    t0, seen = time.perf_counter(), 0
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
 
     def finished() -> bool:
@@ -211,35 +241,43 @@ def train(cfg: TrainConfig) -> dict:
         epoch, steps_in_epoch = ds.epoch, len(ds) // cfg.global_batch
         batches = iter(loader)
         while ds.consumed // cfg.global_batch < steps_in_epoch and not finished():
-            batch = next(batches, None)
-            if _any_rank_out(batch is None, world):  # shards were skipped: the epoch ran short
+            opt.zero_grad(set_to_none=True)
+            loss = torch.zeros((), device=device)
+            for i in range(cfg.grad_accum):
+                with meter.waiting():
+                    batch = next(batches, None)
+                if _any_rank_out(batch is None, world):  # shards were skipped: the epoch ran short
+                    break
+                # Dropout and class dropout draw from a stream fixed by (seed, micro-batch, rank): resumes repeat them.
+                torch.manual_seed(cfg.seed * 1_000_003 + (step * cfg.grad_accum + i) * world + rank)
+                labels, tokens = batch["label"].to(device), batch["tokens"].to(device)
+                with _gradient_sync(wrapped, i == cfg.grad_accum - 1), autocast:
+                    logits = wrapped(labels, tokens)
+                    # The mean over the global batch: each micro-batch holds 1/grad_accum of a rank's samples.
+                    micro_loss = F.cross_entropy(logits.float().flatten(0, 1), tokens.flatten()) / cfg.grad_accum
+                micro_loss.backward()
+                loss += micro_loss.detach()
+                meter.count(labels.shape[0], tokens.shape[1])
+            else:
+                grad_norm = torch.nn.utils.clip_grad_norm_(wrapped.parameters(), cfg.grad_clip)
+                opt.step()
+                ema.update(model)
+                step += 1
+            if batch is None:
                 log.warning("epoch %d ended early: skipped shards left too few samples for its %d steps", epoch, steps_in_epoch)
                 ds.consumed = len(ds)
                 break
-            # Dropout and class dropout draw from a stream fixed by (seed, step, rank): resumes repeat them.
-            torch.manual_seed(cfg.seed * 1_000_003 + step * world + rank)
-            labels, tokens = batch["label"].to(device), batch["tokens"].to(device)
-            with autocast:
-                logits = wrapped(labels, tokens)
-            loss = F.cross_entropy(logits.float().flatten(0, 1), tokens.flatten())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(wrapped.parameters(), cfg.grad_clip)
-            opt.step()
-            ema.update(model)
-            step += 1
-            seen += labels.shape[0] * world
             if step % cfg.log_every == 0 or step == cfg.max_steps:
-                elapsed = time.perf_counter() - t0
                 last = {
                     "step": step, "epoch": epoch, "loss": _mean(loss, world), "grad_norm": float(grad_norm),
-                    "lr": cfg.lr, "samples_per_s": seen / elapsed if elapsed else 0.0, "world_size": world,
+                    "lr": cfg.lr, **meter.report(device), "world_size": world,
                     "distinct_rank_batches": _distinct_batches(batch["key"], world),
                     "epoch_samples": len(ds), "skipped_shards": len(ds.skipped_shards),
                     "node_cache_bytes": ds.cache.held_bytes(),
                 }
                 if rank == 0:
-                    bar.set_postfix(loss=f"{last['loss']:.4f}", samples_s=f"{last['samples_per_s']:.0f}")
+                    bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{last['tokens_per_s']:.0f}",
+                                    **({"mfu": f"{last['mfu']:.1%}"} if last.get("mfu") is not None else {}))
                     log.info("step %d epoch %d loss %.6f grad_norm %.4f", step, epoch, last["loss"], last["grad_norm"])
                     if metrics_path:
                         with open(metrics_path, "a") as f:

@@ -237,3 +237,47 @@ def test_compiled_decode_matches_eager():
     labels = torch.tensor([1, 2])
     eager = generate(model, labels, cfg_scale=2.0, greedy=True)
     assert torch.equal(generate(model, labels, cfg_scale=2.0, greedy=True, decode_fn=compiled_decode(model)), eager)
+
+
+def test_activation_checkpointing_gives_the_same_gradients_dropout_included():
+    import torch
+
+    from vfmtok_core.gpt import GPT
+
+    grads = []
+    for checkpointing in (False, True):
+        model = GPT.from_config("GPT-tiny", seed=3, vocab_size=64).train()  # dropout 0.1 everywhere
+        model.activation_checkpointing = checkpointing
+        torch.manual_seed(7)
+        labels, codes = torch.randint(0, 1000, (4,)), torch.randint(0, 64, (4, 256))
+        torch.nn.functional.cross_entropy(model(labels, codes).flatten(0, 1), codes.flatten()).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    assert all(torch.equal(grads[0][n], grads[1][n]) for n in grads[0])
+
+
+def test_ema_update_is_the_per_tensor_lerp():
+    import torch
+
+    from vfmtok_core.gpt import GPT
+    from vfmtok_core.training import EMA
+
+    model = GPT.from_config("GPT-tiny", seed=0, vocab_size=64)
+    ema = EMA(model, 0.9)
+    expected = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))
+    ema.update(model)
+    for n, p in model.named_parameters():
+        assert torch.allclose(ema.params[n], expected[n] + 0.1 * (p - expected[n]), atol=1e-7)
+
+
+def test_model_flops_per_token_by_formula():
+    from vfmtok_core.gpt import GPT
+    from vfmtok_core.training import model_flops_per_token
+
+    model = GPT.from_config("GPT-B", vocab_size=16384)
+    cfg = model.config
+    per_layer = 4 * cfg.dim * cfg.dim + 3 * cfg.dim * cfg.ffn_hidden  # wqkv + wo, w1 w3 w2
+    weights = cfg.n_layer * per_layer + cfg.dim * cfg.vocab_size  # and the output head
+    assert model_flops_per_token(model, 256) == 6 * weights + 12 * cfg.n_layer * cfg.dim * 256

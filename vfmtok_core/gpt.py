@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
+import torch.utils.checkpoint
 import torch.nn.functional as F
 from torch import nn
 
@@ -219,6 +220,7 @@ class GPT(nn.Module):
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         grid = int(round(cfg.block_size**0.5))
         self.register_buffer("rope", rope_2d_table(grid, cfg.head_dim, cfg.rope_base), persistent=False)
+        self.activation_checkpointing = False  # recompute each block in backward (see forward)
         self._init_weights()
 
     def _apply(self, fn, recurse: bool = True):
@@ -283,7 +285,13 @@ class GPT(nn.Module):
         x = self.tok_dropout(x)
         rope = self.rope[:t]
         for layer in self.layers:
-            x = layer(x, rope, None)
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                # Activations of a block are recomputed in the backward pass instead of kept: memory
+                # per block drops to its input. The RNG state is restored for the recompute, so
+                # dropout draws the same masks and the gradients are those of the plain pass.
+                x = torch.utils.checkpoint.checkpoint(layer, x, rope, None, use_reentrant=False)
+            else:
+                x = layer(x, rope, None)
         return self.output(self.norm(x)).float()
 
     # ------------------------------------------------------------------ cached decoding
