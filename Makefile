@@ -40,6 +40,7 @@ bench: $(VENV)/.ready-bench  ## benchmarks (print side-by-side ratios)
 	$(PY) -m bench.bf16_agreement
 	$(PY) -m bench.dry_run
 	$(PY) -m bench.node_cache
+	$(PY) -m bench.train
 
 clean:
 	rm -rf out .pytest_cache

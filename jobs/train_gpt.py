@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -152,7 +153,11 @@ def _distinct_batches(keys: list[str], world: int) -> int:
     return len(set(gathered))
 
 
-def _checkpoint(cfg: TrainConfig, so: dict, step: int, wrapped, opt, ema, ds: TokenDataset, rank: int, world: int) -> None:
+def _checkpoint(cfg: TrainConfig, so: dict, step: int, wrapped, opt, ema, ds: TokenDataset, rank: int, world: int) -> dict:
+    """Save a checkpoint (every rank takes part; rank 0 writes); returns its seconds and bytes
+    (bytes on rank 0) for the metrics."""
+    start = time.perf_counter()
+    written = 0
     model_state, opt_state = _state(wrapped, opt)
     ema_state = ema.state_dict()
     if rank == 0:
@@ -162,9 +167,11 @@ def _checkpoint(cfg: TrainConfig, so: dict, step: int, wrapped, opt, ema, ds: To
             # The run's settings, to tell runs apart later; never its credentials.
             "config": {**asdict(cfg), "storage_options": redact(so)},
         }
-        log.info("checkpoint %s", save_checkpoint(cfg.out, step, state, so))
+        path, written = save_checkpoint(cfg.out, step, state, so)
+        log.info("checkpoint %s", path)
     if world > 1:
         dist.barrier()
+    return {"checkpoint_seconds": time.perf_counter() - start, "checkpoint_bytes": written}
 
 
 def _mean(value: torch.Tensor, world: int) -> float:
@@ -232,6 +239,7 @@ def train(cfg: TrainConfig) -> dict:
     # An epoch's length is fixed when it begins (in follow mode it grows from epoch to epoch).
     bar = tqdm(total=cfg.max_steps or None, initial=step, desc="train", unit="step", disable=rank != 0, dynamic_ncols=True)
     last: dict = {}
+    saved: dict = {}  # the newest checkpoint's seconds and bytes, reported with the next metrics
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
 
     def finished() -> bool:
@@ -273,7 +281,7 @@ def train(cfg: TrainConfig) -> dict:
                     "lr": cfg.lr, **meter.report(device), "world_size": world,
                     "distinct_rank_batches": _distinct_batches(batch["key"], world),
                     "epoch_samples": len(ds), "skipped_shards": len(ds.skipped_shards),
-                    "node_cache_bytes": ds.cache.held_bytes(),
+                    "node_cache_bytes": ds.cache.held_bytes(), **saved,
                 }
                 if rank == 0:
                     bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{last['tokens_per_s']:.0f}",
@@ -284,7 +292,7 @@ def train(cfg: TrainConfig) -> dict:
                             f.write(json.dumps(last) + "\n")
             end_of_epoch = ds.consumed // cfg.global_batch >= steps_in_epoch
             if step % cfg.ckpt_every == 0 or end_of_epoch and ds.epoch + 1 >= cfg.epochs or step == cfg.max_steps:
-                _checkpoint(cfg, so, step, wrapped, opt, ema, ds, rank, world)
+                saved = _checkpoint(cfg, so, step, wrapped, opt, ema, ds, rank, world)
             bar.update(1)
         if ds.consumed // cfg.global_batch >= steps_in_epoch:
             ds.set_epoch(epoch + 1)

@@ -17,14 +17,16 @@ from pipelines.contract.storage import atomic_write, exists, filesystem, join, r
 LATEST = "latest.json"
 
 
-def save_checkpoint(url: str, step: int, state: dict, storage_options: Mapping | None = None) -> str:
+def save_checkpoint(url: str, step: int, state: dict, storage_options: Mapping | None = None) -> tuple[str, int]:
+    """Write ``state`` as ``step-NNNNNNNN.pt``, then point ``latest.json`` at it; returns (its
+    path, its bytes)."""
     fs, root = filesystem(url, storage_options)
     name = f"step-{step:08d}.pt"
     buf = io.BytesIO()
     torch.save(state, buf)
     atomic_write(fs, join(root, name), buf.getvalue())
     write_json(fs, join(root, LATEST), {"step": step, "path": name})
-    return join(root, name)
+    return join(root, name), buf.getbuffer().nbytes
 
 
 def load_latest(url: str, storage_options: Mapping | None = None) -> dict | None:

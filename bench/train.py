@@ -1,0 +1,97 @@
+"""The GPT trainer's speed, measured through ``jobs.train_gpt`` itself, side by side in one run.
+
+For each size: the trainer with and without ``--compile`` (per-block ``torch.compile``) on the same
+synthetic token set, batch and steps. Step time is the median of the steps after the first few
+(which include compilation), from the trainer's own ``metrics.jsonl``; printed with tokens/s,
+model TFLOP/s and the compiled/eager ratio. Also printed, from the same metrics: the trainer's
+checkpoint save (model, EMA and AdamW state in one file written by rank 0), seconds and bytes.
+
+Precision follows the device: bf16 autocast on a GPU, fp32 on a CPU (CPU bf16 autocast is not how
+anyone trains, and it compiles poorly). MFU is printed where the device's peak is known
+(``--peak-tflops`` sets it).
+
+Run: ``python -m bench.train`` (a few minutes on 2 cores: GPT-B steps take seconds there).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from bench.loader import synthetic_dataset
+from jobs.cli import parse_config, setup_logging
+from jobs.train_gpt import TrainConfig, train
+
+log = logging.getLogger("bench.train")
+
+
+@dataclass
+class BenchConfig:
+    """Step time and tokens/s of the GPT trainer with and without torch.compile."""
+
+    sizes: tuple[str, ...] = field(default=("GPT-tiny", "GPT-B"), metadata={"help": "GPT sizes to measure"})
+    batch: int = field(default=0, metadata={"help": "global batch (0: 16 for GPT-tiny, 2 for larger sizes on a CPU, 32 on a GPU)"})
+    steps: int = field(default=8, metadata={"help": "steps per side"})
+    warmup: int = field(default=3, metadata={"help": "first steps left out of the timing (compilation)"})
+    peak_tflops: float = field(default=0.0, metadata={"help": "device peak for MFU (0: known GPUs)"})
+
+
+def _batch(size: str, cfg: BenchConfig) -> int:
+    if cfg.batch:
+        return cfg.batch
+    if torch.cuda.is_available():
+        return 32
+    return 16 if size == "GPT-tiny" else 2
+
+
+def measure(data: Path, out: Path, size: str, compiled: bool, cfg: BenchConfig) -> dict:
+    batch = _batch(size, cfg)
+    train(TrainConfig(
+        data=str(data), out=str(out), size=size, global_batch=batch, max_steps=cfg.warmup + cfg.steps,
+        log_every=1, ckpt_every=cfg.warmup, compile=compiled, peak_tflops=cfg.peak_tflops,
+        precision="bf16" if torch.cuda.is_available() else "fp32",
+    ))
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steady = metrics[cfg.warmup :]
+    step_s = statistics.median(batch / m["samples_per_s"] for m in steady)
+    saved = metrics[cfg.warmup]  # the trainer reports a checkpoint (made at step ``warmup``) with the next metrics
+    return {
+        "batch": batch,
+        "step_seconds": round(step_s, 4),
+        "tokens_per_s": round(statistics.median(m["tokens_per_s"] for m in steady), 1),
+        "model_tflops_per_s": round(statistics.median(m["model_tflops_per_s"] for m in steady), 4),
+        "mfu": metrics[-1]["mfu"],
+        "peak_memory_gb": round(metrics[-1]["peak_memory_gb"], 2),
+        "checkpoint_seconds": round(saved["checkpoint_seconds"], 3),
+        "checkpoint_bytes": saved["checkpoint_bytes"],
+    }
+
+
+def main(argv=None) -> dict:
+    setup_logging()
+    cfg = parse_config(BenchConfig, argv, description=__doc__)
+    results: dict = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        synthetic_dataset(tmp / "ds", shards=8, rows=64, vocab=16384)
+        for size in cfg.sizes:
+            sides = {name: measure(tmp / "ds", tmp / f"{size}-{name}", size, name == "compiled", cfg)
+                     for name in ("eager", "compiled")}
+            ratio = sides["eager"]["step_seconds"] / sides["compiled"]["step_seconds"]
+            results[size] = {**sides, "compiled_speedup": round(ratio, 3)}
+            log.info("%s, batch %d: eager %.3f s/step (%.0f tokens/s), compiled %.3f s/step (%.0f tokens/s): "
+                     "speed-up %.2fx; checkpoint %.1f MB in %.2f s", size, sides["eager"]["batch"], sides["eager"]["step_seconds"],
+                     sides["eager"]["tokens_per_s"], sides["compiled"]["step_seconds"], sides["compiled"]["tokens_per_s"],
+                     ratio, sides["eager"]["checkpoint_bytes"] / 1e6, sides["eager"]["checkpoint_seconds"])
+    print(json.dumps(results, indent=1))
+    return results
+
+
+if __name__ == "__main__":
+    main()
