@@ -14,7 +14,6 @@ import hashlib
 import json
 import logging
 import os
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -24,7 +23,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from jobs.cli import UsageError, fail, parse_config, setup_logging, storage_options
-from pipelines.consumer.checkpoints import LATEST, load_latest, save_checkpoint
+from pipelines.consumer.checkpoints import LATEST
+from pipelines.consumer.run_checkpoints import RunCheckpoints
 from pipelines.contract.redact import redact, redact_url
 from pipelines.contract.storage import filesystem, is_local, join, read_json
 from pipelines.consumer.streaming import DatasetIncomplete, DatasetMismatch, ShardError, TokenDataset, TokenLoader
@@ -65,6 +65,9 @@ class TrainConfig:
     activation_checkpointing: bool = field(default=False, metadata={"help": "recompute each block's activations in the backward pass (less memory, about a third more compute; for GPT-XL and larger)"})
     compile: bool = field(default=False, metadata={"help": "torch.compile each transformer block (regional compilation)"})
     peak_tflops: float = field(default=0.0, metadata={"help": "the device's peak dense TFLOP/s for MFU (0: known GPUs by name; none on a CPU)"})
+    checkpoint_format: str = field(default="sharded", metadata={"help": "sharded: each rank writes its shards (torch.distributed.checkpoint; export with jobs.export_gpt); full: one file gathered on rank 0", "choices": ["sharded", "full"]})
+    async_checkpoint: bool = field(default=True, metadata={"help": "write sharded checkpoints in the background while training goes on"})
+    init: str | None = field(default=None, metadata={"help": "start from these GPT weights (a released GPT-*.pt or an export) instead of a random init"})
     follow: bool = field(default=False, metadata={"help": "train on a dataset its tokenization job is still writing: each epoch takes the shards committed when it begins"})
     order: str = field(default="auto", metadata={"help": "sample order: a global permutation, shard windows, or auto (global when the set fits --cache-bytes)", "choices": ["auto", "global", "window"]})
     cache_dir: str | None = field(default=None, metadata={"help": "root of the node's shard cache (default: $VFMTOK_CACHE_DIR or the temp folder)"})
@@ -100,19 +103,16 @@ def _wrap(model: torch.nn.Module, cfg: TrainConfig, world: int, device: torch.de
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
-def _state(model, opt) -> tuple[dict, dict]:
-    """Full (unsharded) model and optimiser state dicts, on the CPU."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_state_dict(model, opt, options=options)
-
-
-def _restore(model, opt, model_state: dict, opt_state: dict) -> None:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-
-    set_state_dict(model, opt, model_state_dict=model_state, optim_state_dict=opt_state,
-                   options=StateDictOptions(full_state_dict=True))
+def _initialise(model: GPT, path: str, size: str, so: dict) -> None:
+    """Start from released or exported weights (``GPT-*.pt``: ``ema`` or ``model``) instead of a
+    random initialisation; the file's vocabulary and classes must be the dataset's."""
+    start = GPT.from_pretrained(path, size=size, storage_options=so)
+    if (start.config.vocab_size, start.config.num_classes) != (model.config.vocab_size, model.config.num_classes):
+        raise UsageError(f"--init {redact_url(path)} has a vocabulary of {start.config.vocab_size} and "
+                         f"{start.config.num_classes} classes; the data needs {model.config.vocab_size} and "
+                         f"{model.config.num_classes}")
+    model.load_state_dict(start.state_dict())
+    log.info("initialised from %s", redact_url(path))
 
 
 def _gradient_sync(wrapped: torch.nn.Module, sync: bool):
@@ -153,27 +153,6 @@ def _distinct_batches(keys: list[str], world: int) -> int:
     return len(set(gathered))
 
 
-def _checkpoint(cfg: TrainConfig, so: dict, step: int, wrapped, opt, ema, ds: TokenDataset, rank: int, world: int) -> dict:
-    """Save a checkpoint (every rank takes part; rank 0 writes); returns its seconds and bytes
-    (bytes on rank 0) for the metrics."""
-    start = time.perf_counter()
-    written = 0
-    model_state, opt_state = _state(wrapped, opt)
-    ema_state = ema.state_dict()
-    if rank == 0:
-        state = {
-            "model": model_state, "ema": ema_state, "optimizer": opt_state, "data": ds.state_dict(),
-            "step": step, "size": cfg.size, "fingerprint": ds.fingerprint,
-            # The run's settings, to tell runs apart later; never its credentials.
-            "config": {**asdict(cfg), "storage_options": redact(so)},
-        }
-        path, written = save_checkpoint(cfg.out, step, state, so)
-        log.info("checkpoint %s", path)
-    if world > 1:
-        dist.barrier()
-    return {"checkpoint_seconds": time.perf_counter() - start, "checkpoint_bytes": written}
-
-
 def _mean(value: torch.Tensor, world: int) -> float:
     if world > 1:
         value = value.detach().clone()
@@ -194,7 +173,8 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.grad_accum < 1 or per_rank % cfg.grad_accum:
         raise UsageError(f"--grad-accum {cfg.grad_accum} must divide the per-rank batch {per_rank} (--global-batch / world size)")
     micro = per_rank // cfg.grad_accum
-    ckpt = load_latest(cfg.out, so)
+    checkpoints = RunCheckpoints(cfg.out, so, cfg.checkpoint_format, rank, world, cfg.async_checkpoint)
+    ckpt = checkpoints.train_state()
     if ckpt is not None and not cfg.resume:
         raise SystemExit(f"{redact_url(cfg.out)} already holds checkpoints; pass --resume to continue, or use another --out")
     if ckpt is not None and ckpt["size"] != cfg.size:
@@ -213,6 +193,8 @@ def train(cfg: TrainConfig) -> dict:
         cfg.size, seed=cfg.seed, vocab_size=ds.manifest["codebook_size"], block_size=ds.tokens_per_image,
         class_dropout=cfg.class_dropout, token_dropout=cfg.dropout, resid_dropout=cfg.dropout, ffn_dropout=cfg.dropout,
     ).to(device)
+    if cfg.init and ckpt is None:
+        _initialise(model, cfg.init, cfg.size, so)
     model.train()
     model.activation_checkpointing = cfg.activation_checkpointing
     if cfg.compile:
@@ -224,8 +206,7 @@ def train(cfg: TrainConfig) -> dict:
     opt = adamw(wrapped, cfg.lr, (cfg.beta1, cfg.beta2), cfg.weight_decay)
     step = 0
     if ckpt is not None:
-        _restore(wrapped, opt, ckpt["model"], ckpt["optimizer"])
-        ema.load_state_dict(ckpt["ema"])
+        checkpoints.restore(wrapped, opt, ema)
         ds.load_state_dict(ckpt["data"])
         step = ckpt["step"]
         if rank == 0:
@@ -292,11 +273,17 @@ def train(cfg: TrainConfig) -> dict:
                             f.write(json.dumps(last) + "\n")
             end_of_epoch = ds.consumed // cfg.global_batch >= steps_in_epoch
             if step % cfg.ckpt_every == 0 or end_of_epoch and ds.epoch + 1 >= cfg.epochs or step == cfg.max_steps:
-                saved = _checkpoint(cfg, so, step, wrapped, opt, ema, ds, rank, world)
+                saved = checkpoints.save(step, wrapped, opt, ema, ds, {
+                    "size": cfg.size, "vocab_size": model.config.vocab_size, "block_size": model.config.block_size,
+                    # The run's settings, to tell runs apart later; never its credentials.
+                    "config": {**asdict(cfg), "storage_options": redact(so)},
+                })
+            checkpoints.poll()
             bar.update(1)
         if ds.consumed // cfg.global_batch >= steps_in_epoch:
             ds.set_epoch(epoch + 1)
     bar.close()
+    checkpoints.close()
     if rank == 0 and not last:
         log.info("nothing to do: %s is already at step %d (epoch %d)", redact_url(cfg.out), step, ds.epoch)
     if world > 1:

@@ -180,7 +180,8 @@ def test_tokenize_job_keeps_credentials_out_of_outputs_and_logs(s3_bucket, tmp_p
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
-def test_trainer_keeps_credentials_out_of_checkpoints_metrics_and_logs(s3_bucket, tmp_path, caplog):
+@pytest.mark.parametrize("layout", ["sharded", "full"])
+def test_trainer_keeps_credentials_out_of_checkpoints_metrics_and_logs(s3_bucket, tmp_path, caplog, layout):
     import s3fs
 
     from jobs.train_gpt import TrainConfig, train
@@ -193,13 +194,17 @@ def test_trainer_keeps_credentials_out_of_checkpoints_metrics_and_logs(s3_bucket
     with caplog.at_level("DEBUG"):
         train(TrainConfig(data=f"s3://{bucket}/tokens", out=f"s3://{bucket}/run", storage_options=secret_opts,
                           metrics=str(tmp_path / "metrics.jsonl"), global_batch=8, max_steps=2, ckpt_every=1,
-                          log_every=1, precision="fp32"))
+                          log_every=1, precision="fp32", checkpoint_format=layout))
     blobs = _objects(fs, f"{bucket}/run")
-    assert sum(p.endswith(".pt") for p in blobs) == 2
-    _assert_clean({**blobs, "metrics": (tmp_path / "metrics.jsonl").read_bytes(), "log": caplog.text.encode()})
-    from pipelines.consumer.checkpoints import load_latest
+    if layout == "full":
+        assert sum(p.endswith(".pt") for p in blobs) == 2
+        from pipelines.consumer.checkpoints import load_latest
 
-    config = load_latest(f"s3://{bucket}/run", opts)["config"]
+        config = load_latest(f"s3://{bucket}/run", opts)["config"]
+    else:  # every rank's shard files, DCP's metadata and the train state, of both steps
+        assert sum(p.endswith(".metadata") for p in blobs) == 2 and sum(p.endswith(".distcp") for p in blobs) >= 2
+        config = json.loads(fs.cat_file(f"{bucket}/run/step-00000002/train_state.json"))["config"]
+    _assert_clean({**blobs, "metrics": (tmp_path / "metrics.jsonl").read_bytes(), "log": caplog.text.encode()})
     assert config["storage_options"]["secret"] == "***" and config["data"] == f"s3://{bucket}/tokens"
 
 

@@ -74,11 +74,15 @@ def test_data_and_checkpoints_on_s3(tmp_path, data, s3_bucket):
     train(TrainConfig(max_steps=2, **cfg, **FAST))
     train(TrainConfig(max_steps=4, resume=True, **cfg, **FAST))
     latest = json.loads(fs.cat_file(f"{bucket}/run/latest.json"))
-    assert latest["step"] == 4 and fs.exists(f"{bucket}/run/step-00000002.pt")
-    from pipelines.consumer.checkpoints import load_latest
+    assert latest == {"step": 4, "path": "step-00000004", "format": "sharded"}
+    assert fs.exists(f"{bucket}/run/step-00000002/.metadata")  # each rank's shards plus DCP's metadata
+    state = json.loads(fs.cat_file(f"{bucket}/run/step-00000004/train_state.json"))
+    assert state["data"]["consumed"] == 32 and state["step"] == 4
+    # The export reads the shards from S3 into the released single-file layout.
+    from jobs.export_gpt import ExportConfig, export
 
-    state = load_latest(f"s3://{bucket}/run", opts)
-    assert state["data"]["consumed"] == 32 and isinstance(state["model"]["norm.weight"], torch.Tensor)
+    export(ExportConfig(checkpoint=f"s3://{bucket}/run", out=str(tmp_path / "gpt.pt"), storage_options=json.dumps(opts)))
+    assert isinstance(torch.load(tmp_path / "gpt.pt", weights_only=True)["ema"]["norm.weight"], torch.Tensor)
 
 
 def _kill_tree(pid: int) -> None:
@@ -214,7 +218,7 @@ def test_gradient_accumulation_2x4_equals_1x8(tmp_path, data):
     from pipelines.consumer.checkpoints import load_latest
 
     common = dict(data=str(data), max_steps=5, global_batch=8, log_every=1, precision="fp32", dropout=0.0,
-                  class_dropout=0.0, lr=1e-2)
+                  class_dropout=0.0, lr=1e-2, checkpoint_format="full")
     train(TrainConfig(out=str(tmp_path / "one"), **common))
     train(TrainConfig(out=str(tmp_path / "two"), grad_accum=2, **common))
     train(TrainConfig(out=str(tmp_path / "eight"), grad_accum=8, **common))
@@ -241,3 +245,94 @@ def test_metrics_report_throughput_mfu_memory_and_data_wait(tmp_path, data):
     assert m["tokens_per_s"] == pytest.approx(m["samples_per_s"] * 256)
     assert m["mfu"] == pytest.approx(m["model_tflops_per_s"] / 0.001)
     assert m["peak_memory_gb"] > 0.1 and 0 <= m["data_wait_share"] <= 1 and m["data_wait_s"] >= 0
+
+
+# ---------------------------------------------------------------------------- sharded checkpoints
+def test_export_loads_with_from_pretrained_and_gives_the_live_models_logits(tmp_path, data):
+    import torch
+
+    from jobs.export_gpt import ExportConfig, export
+    from pipelines.consumer.checkpoints import load_latest
+    from vfmtok_core.gpt import GPT
+
+    exact = dict(data=str(data), max_steps=3, global_batch=8, log_every=1, precision="fp32", dropout=0.0, class_dropout=0.0)
+    train(TrainConfig(out=str(tmp_path / "sharded"), **exact))
+    train(TrainConfig(out=str(tmp_path / "full"), checkpoint_format="full", **exact))  # the same run, gathered
+    live = load_latest(str(tmp_path / "full"))  # the weights the run ended with, in memory
+    info = export(ExportConfig(checkpoint=str(tmp_path / "sharded"), out=str(tmp_path / "gpt.pt")))
+    assert info["step"] == 3 and info["size"] == "GPT-tiny"
+    labels, codes = torch.tensor([0, 3]), torch.randint(0, 1024, (2, 256), generator=torch.Generator().manual_seed(0))
+    for which in ("ema", "model"):
+        reference = GPT.from_config("GPT-tiny", vocab_size=1024)
+        reference.load_state_dict(live[which])
+        file = tmp_path / f"{which}.pt"
+        torch.save({which: torch.load(tmp_path / "gpt.pt", weights_only=True)[which]}, file)
+        exported = GPT.from_pretrained(str(file), size="GPT-tiny")
+        with torch.no_grad():
+            assert torch.equal(exported(labels, codes), reference(labels, codes)), which
+
+
+def test_fsdp_checkpoint_of_2_ranks_resumes_on_3_and_in_one_process(tmp_path, data):
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    exact = ["--global-batch", "12", "--log-every", "1", "--precision", "fp32", "--dropout", "0", "--class-dropout", "0",
+             "--lr", "1e-2", "--data", str(data), "--ckpt-every", "3"]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+
+    def run(nproc: int, out: Path, steps: int, *more: str) -> subprocess.CompletedProcess:
+        done = subprocess.run([torchrun, f"--nproc_per_node={nproc}", "-m", "jobs.train_gpt", *exact, "--fsdp",
+                               "--out", str(out), "--max-steps", str(steps), *more],
+                              cwd=ROOT, env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done
+
+    run(2, tmp_path / "run", 3)
+    import shutil
+
+    shutil.copytree(tmp_path / "run", tmp_path / "single")
+    resumed = run(3, tmp_path / "run", 6, "--resume")
+    assert "resumed from step 3 (epoch 0, 36 samples into it)" in resumed.stderr
+    run(3, tmp_path / "ref", 6)  # uninterrupted, 3 ranks
+    ours, ref = _losses(tmp_path / "run" / "metrics.jsonl"), _losses(tmp_path / "ref" / "metrics.jsonl")
+    assert ours.keys() == ref.keys() == set(range(1, 7))
+    assert all(abs(ours[k] - ref[k]) < 1e-4 for k in ref)  # float reduction order only
+    # The same sharded checkpoint resumed without FSDP, in one process.
+    train(TrainConfig(data=str(data), out=str(tmp_path / "single"), max_steps=6, global_batch=12, log_every=1,
+                      precision="fp32", dropout=0.0, class_dropout=0.0, lr=1e-2, resume=True))
+    single = _losses(tmp_path / "single" / "metrics.jsonl")
+    assert all(abs(single[k] - ref[k]) < 1e-4 for k in range(4, 7))
+
+
+def test_an_async_save_killed_mid_write_leaves_the_previous_checkpoint_in_charge(tmp_path, data):
+    out = tmp_path / "run"
+    base = [sys.executable, "-m", "jobs.train_gpt", "--data", str(data), "--out", str(out), "--size", "GPT-B",
+            "--global-batch", "2", "--precision", "fp32", "--log-every", "1"]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.Popen([*base, "--max-steps", "40", "--ckpt-every", "1"], cwd=ROOT, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+
+    def published() -> int:
+        try:
+            return json.loads((out / "latest.json").read_text())["step"]
+        except (FileNotFoundError, ValueError):
+            return 0
+
+    def writing() -> list:  # step folders whose save has not finished (DCP writes .metadata last)
+        return [d for d in out.glob("step-*") if not (d / ".metadata").exists()]
+
+    deadline = time.time() + 240
+    try:
+        # Wait until a save is being written after one was published (GPT-B's 1.4 GB takes a while).
+        while time.time() < deadline and not (published() >= 1 and writing()):
+            time.sleep(0.01)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    step = published()
+    assert step >= 1 and writing(), "the kill should land mid-save"
+    # What latest.json names is complete, and a resume continues from it.
+    assert (out / f"step-{step:08d}" / ".metadata").exists() and (out / f"step-{step:08d}" / "train_state.json").exists()
+    resumed = subprocess.run([*base, "--max-steps", str(step + 1), "--resume"], cwd=ROOT, env=env, capture_output=True,
+                             text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from step {step}" in resumed.stderr
+    assert published() == step + 1
