@@ -58,7 +58,8 @@ class TrainConfig:
     ckpt_every: int = field(default=1000, metadata={"help": "checkpoint every N steps (and at the end)"})
     log_every: int = field(default=10, metadata={"help": "log metrics every N steps"})
     resume: bool = field(default=False, metadata={"help": "continue from the newest checkpoint in --out"})
-    fsdp: bool = field(default=False, metadata={"help": "shard parameters with FSDP instead of DDP"})
+    fsdp: bool = field(default=False, metadata={"help": "shard parameters with FSDP instead of DDP (within each node when the run spans several: HSDP)"})
+    shard_ranks: int = field(default=0, metadata={"help": "with --fsdp: ranks sharing one copy of the model (0: a node's ranks, LOCAL_WORLD_SIZE); fewer than the world size replicates across groups (HSDP)"})
     ray_workers: int = field(default=0, metadata={"help": "run on Ray Train with this many workers"})
     skip_bad_shards: bool = field(default=False, metadata={"help": "log and skip unreadable shards"})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimiser step on each rank (the global batch is kept; data order and loss do not depend on it)"})
@@ -89,15 +90,33 @@ def _setup_distributed() -> tuple[int, int, torch.device]:
     return rank, world, device
 
 
+def _shard_group(cfg: TrainConfig, world: int) -> int:
+    """Ranks that shard one copy of the model: ``--shard-ranks``, else a node's ranks."""
+    size = cfg.shard_ranks or int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    if size < 1 or world % size:
+        raise UsageError(f"--shard-ranks {size} must divide the world size {world}")
+    return size
+
+
 def _wrap(model: torch.nn.Module, cfg: TrainConfig, world: int, device: torch.device) -> torch.nn.Module:
+    """DDP, or FSDP per block: within a node when the run spans several (HSDP: parameters sharded
+    over the node's fast links, replicated across nodes, whose gradients are all-reduced), or over
+    every rank."""
     if world == 1:
         return model
     if cfg.fsdp:
+        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
+        shard = _shard_group(cfg, world)
+        mesh = init_device_mesh(device.type, (world // shard, shard), mesh_dim_names=("replicate", "shard"))
+        if world // shard == 1:
+            mesh = mesh["shard"]  # one copy: plain FSDP
+        if dist.get_rank() == 0:
+            log.info("FSDP: %d replica(s) of the model, each sharded over %d ranks", world // shard, shard)
         for block in model.layers:
-            fully_shard(block)
-        return fully_shard(model)
+            fully_shard(block, mesh=mesh)
+        return fully_shard(model, mesh=mesh)
     from torch.nn.parallel import DistributedDataParallel
 
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)

@@ -336,3 +336,23 @@ def test_an_async_save_killed_mid_write_leaves_the_previous_checkpoint_in_charge
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from step {step}" in resumed.stderr
     assert published() == step + 1
+
+
+def test_hsdp_two_replicas_of_two_shards_match_one_process(tmp_path, data):
+    """Sharded within groups of 2 ranks, replicated across 2 groups (as across 2 nodes), with a
+    sharded checkpoint and a resume on the same layout."""
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    exact = ["--global-batch", "8", "--log-every", "1", "--precision", "fp32", "--dropout", "0", "--class-dropout", "0",
+             "--lr", "1e-2", "--data", str(data), "--ckpt-every", "2", "--fsdp", "--shard-ranks", "2"]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "run"
+    for steps, more in ((2, []), (4, ["--resume"])):
+        done = subprocess.run([torchrun, "--nproc_per_node=4", "-m", "jobs.train_gpt", *exact, "--out", str(out),
+                               "--max-steps", str(steps), *more], cwd=ROOT, env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert "FSDP: 2 replica(s) of the model, each sharded over 2 ranks" in done.stderr
+    train(TrainConfig(data=str(data), out=str(tmp_path / "ref"), max_steps=4, global_batch=8, log_every=1,
+                      precision="fp32", dropout=0.0, class_dropout=0.0, lr=1e-2))
+    ours, ref = _losses(out / "metrics.jsonl"), _losses(tmp_path / "ref" / "metrics.jsonl")
+    assert ours.keys() == ref.keys() == {1, 2, 3, 4}
+    assert all(abs(ours[k] - ref[k]) < 1e-4 for k in ref)
