@@ -3,8 +3,8 @@
 For each size: the trainer with and without ``--compile`` (per-block ``torch.compile``) on the same
 synthetic token set, batch and steps. Step time is the median of the steps after the first few
 (which include compilation), from the trainer's own ``metrics.jsonl``; printed with tokens/s,
-model TFLOP/s and the compiled/eager ratio. Also printed, from the same metrics: the trainer's
-checkpoint save (model, EMA and AdamW state in one file written by rank 0), seconds and bytes.
+model TFLOP/s and the compiled/eager ratio. Then, for the largest size, the same FSDP run on 2 ranks (``torchrun``) with full vs sharded
+checkpoints: the seconds a save holds training up and the bytes each rank writes, as ratios.
 
 Precision follows the device: bf16 autocast on a GPU, fp32 on a CPU (CPU bf16 autocast is not how
 anyone trains, and it compiles poorly). MFU is printed where the device's peak is known
@@ -17,7 +17,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import statistics
+import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,13 +57,12 @@ def measure(data: Path, out: Path, size: str, compiled: bool, cfg: BenchConfig) 
     batch = _batch(size, cfg)
     train(TrainConfig(
         data=str(data), out=str(out), size=size, global_batch=batch, max_steps=cfg.warmup + cfg.steps,
-        log_every=1, ckpt_every=cfg.warmup, compile=compiled, peak_tflops=cfg.peak_tflops,
+        log_every=1, compile=compiled, peak_tflops=cfg.peak_tflops,
         precision="bf16" if torch.cuda.is_available() else "fp32",
     ))
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steady = metrics[cfg.warmup :]
     step_s = statistics.median(batch / m["samples_per_s"] for m in steady)
-    saved = metrics[cfg.warmup]  # the trainer reports a checkpoint (made at step ``warmup``) with the next metrics
     return {
         "batch": batch,
         "step_seconds": round(step_s, 4),
@@ -68,9 +70,30 @@ def measure(data: Path, out: Path, size: str, compiled: bool, cfg: BenchConfig) 
         "model_tflops_per_s": round(statistics.median(m["model_tflops_per_s"] for m in steady), 4),
         "mfu": metrics[-1]["mfu"],
         "peak_memory_gb": round(metrics[-1]["peak_memory_gb"], 2),
-        "checkpoint_seconds": round(saved["checkpoint_seconds"], 3),
-        "checkpoint_bytes": saved["checkpoint_bytes"],
     }
+
+
+def checkpoint_layouts(data: Path, tmp: Path, size: str, ranks: int) -> dict:
+    """The same FSDP run on ``ranks`` processes saving full vs sharded checkpoints: the seconds
+    training is held up by a save (rank 0's), and the bytes each rank writes."""
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    out = {}
+    for layout in ("full", "sharded"):
+        run = tmp / f"ckpt-{layout}"
+        subprocess.run([torchrun, f"--nproc_per_node={ranks}", "-m", "jobs.train_gpt", "--data", str(data), "--out",
+                        str(run), "--size", size, "--global-batch", str(2 * ranks), "--max-steps", "3", "--ckpt-every", "2",
+                        "--log-every", "1", "--precision", "fp32", "--fsdp", "--checkpoint-format", layout],
+                       check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"})
+        metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        if layout == "full":
+            per_rank = [(run / "step-00000002.pt").stat().st_size] + [0] * (ranks - 1)
+        else:
+            files = sorted((run / "step-00000002").glob("*.distcp"))
+            per_rank = [f.stat().st_size for f in files]
+        out[layout] = {"held_up_seconds": round(metrics[2]["checkpoint_seconds"], 3), "bytes_per_rank": per_rank}
+    out["held_up_full_over_sharded"] = round(out["full"]["held_up_seconds"] / out["sharded"]["held_up_seconds"], 2)
+    out["largest_rank_bytes_full_over_sharded"] = round(max(out["full"]["bytes_per_rank"]) / max(out["sharded"]["bytes_per_rank"]), 2)
+    return out
 
 
 def main(argv=None) -> dict:
@@ -86,9 +109,16 @@ def main(argv=None) -> dict:
             ratio = sides["eager"]["step_seconds"] / sides["compiled"]["step_seconds"]
             results[size] = {**sides, "compiled_speedup": round(ratio, 3)}
             log.info("%s, batch %d: eager %.3f s/step (%.0f tokens/s), compiled %.3f s/step (%.0f tokens/s): "
-                     "speed-up %.2fx; checkpoint %.1f MB in %.2f s", size, sides["eager"]["batch"], sides["eager"]["step_seconds"],
+                     "speed-up %.2fx", size, sides["eager"]["batch"], sides["eager"]["step_seconds"],
                      sides["eager"]["tokens_per_s"], sides["compiled"]["step_seconds"], sides["compiled"]["tokens_per_s"],
-                     ratio, sides["eager"]["checkpoint_bytes"] / 1e6, sides["eager"]["checkpoint_seconds"])
+                     ratio)
+        size = cfg.sizes[-1]
+        results["checkpoints"] = layouts = checkpoint_layouts(tmp / "ds", tmp, size, 2)
+        log.info("%s checkpoints, FSDP on 2 ranks: training held up %.2f s by a full save vs %.2f s by a sharded "
+                 "(async) one (%.1fx); largest bytes written by one rank %.1f MB vs %.1f MB (%.1fx)", size,
+                 layouts["full"]["held_up_seconds"], layouts["sharded"]["held_up_seconds"],
+                 layouts["held_up_full_over_sharded"], max(layouts["full"]["bytes_per_rank"]) / 1e6,
+                 max(layouts["sharded"]["bytes_per_rank"]) / 1e6, layouts["largest_rank_bytes_full_over_sharded"])
     print(json.dumps(results, indent=1))
     return results
 
