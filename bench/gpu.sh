@@ -28,6 +28,9 @@
 #                  MFU = 6 x parameters x tokens/s over 989 TFLOP/s (H200 dense bf16 peak): the 6N
 #                  rule counts every parameter (embeddings too) and no attention-score FLOPs
 #   sample_bench   bench.sample: KV-cache generation (CPU) and GPU images/s, eager and compiled
+#   train_mfu      bench.train: the trainer itself (jobs.train_gpt), GPT-B and GPT-XL at 256 tokens,
+#                  bf16, eager and --compile: step time, tokens/s, MFU (6 FLOPs per matmul weight
+#                  plus attention, over the GPU's dense bf16 peak), peak memory
 #
 # Offline: the GPU machine reaches no registry, and its python3 is not this repo's .venv. The python
 # used is the first with CUDA-enabled torch among $PYTHON, .venv/bin/python and python3 (the machine's
@@ -324,6 +327,7 @@ EOF
 }
 
 sample_bench() { py -m bench.sample --batch-size 1; }
+train_mfu() { py -m bench.train --sizes GPT-B GPT-XL --steps 6 --warmup 3 --no-checkpoints; }
 
 run_step setup 90 setup
 if [ -n "$PY" ]; then
@@ -341,6 +345,7 @@ if [ -n "$PY" ]; then
     fi
     run_step gpt_mfu 45 gpt_mfu
     run_step sample_bench 90 sample_bench
+    run_step train_mfu 150 train_mfu
 fi
 
 "${PY:-python3}" - "$STATUS" "$WORK" "$RESULTS" <<'EOF'

@@ -43,6 +43,7 @@ class BenchConfig:
     steps: int = field(default=8, metadata={"help": "steps per side"})
     warmup: int = field(default=3, metadata={"help": "first steps left out of the timing (compilation)"})
     peak_tflops: float = field(default=0.0, metadata={"help": "device peak for MFU (0: known GPUs)"})
+    checkpoints: bool = field(default=True, metadata={"help": "also compare full and sharded checkpoints on 2 ranks (torchrun; needs 2 GPUs on a GPU machine)"})
 
 
 def _batch(size: str, cfg: BenchConfig) -> int:
@@ -113,6 +114,9 @@ def main(argv=None) -> dict:
                      sides["eager"]["tokens_per_s"], sides["compiled"]["step_seconds"], sides["compiled"]["tokens_per_s"],
                      ratio)
         size = cfg.sizes[-1]
+        if not cfg.checkpoints:
+            print(json.dumps(results, indent=1))
+            return results
         results["checkpoints"] = layouts = checkpoint_layouts(tmp / "ds", tmp, size, 2)
         log.info("%s checkpoints, FSDP on 2 ranks: training held up %.2f s by a full save vs %.2f s by a sharded "
                  "(async) one (%.1fx); largest bytes written by one rank %.1f MB vs %.1f MB (%.1fx)", size,
