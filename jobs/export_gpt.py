@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 import torch
 
 from jobs.cli import UsageError, fail, parse_config, setup_logging, storage_options
-from pipelines.consumer.checkpoints import load_latest
-from pipelines.consumer.sharded_checkpoints import latest_step, load_for_export, read_train_state, step_name
+from pipelines.consumer.checkpoints import latest_step, load_latest
+from pipelines.consumer.sharded_checkpoints import load_for_export, read_train_state, step_name
 from pipelines.contract.redact import redact_url
 from pipelines.contract.storage import atomic_write, exists, filesystem, join
 from vfmtok_core.gpt import GPT

@@ -130,7 +130,7 @@ def test_oversized_or_malformed_metadata_is_refused(tmp_path):
 def test_latest_pointer_cannot_name_a_file_outside_the_run(tmp_path):
     from pipelines.consumer.checkpoints import load_latest
 
-    from pipelines.consumer.sharded_checkpoints import latest_step
+    from pipelines.consumer.checkpoints import latest_step
 
     for path in ("../../elsewhere.pt", "../step-00000001", "step-00000001/../../x"):
         (tmp_path / "latest.json").write_text(json.dumps({"step": 1, "path": path}))

@@ -29,6 +29,19 @@ def data(tmp_path_factory):
     return root
 
 
+EXACT = ["--log-every", "1", "--precision", "fp32", "--dropout", "0", "--class-dropout", "0", "--lr", "1e-2"]
+
+
+def _torchrun(nproc: int, *args: str) -> subprocess.CompletedProcess:
+    """``jobs.train_gpt`` on ``nproc`` local processes (gloo), which must succeed."""
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([torchrun, f"--nproc_per_node={nproc}", "-m", "jobs.train_gpt", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
 def _losses(metrics: Path) -> dict[int, float]:
     out = {}
     for line in metrics.read_text().splitlines():
@@ -172,16 +185,11 @@ def test_skip_bad_shards_through_the_cli_counts_and_logs_each(tmp_path, data, ca
 
 
 def test_torchrun_resumes_with_another_world_size(tmp_path, data):
-    torchrun = str(Path(sys.executable).parent / "torchrun")
-    exact = ["--global-batch", "12", "--log-every", "1", "--precision", "fp32", "--dropout", "0", "--class-dropout", "0",
-             "--lr", "1e-2", "--num-workers", "1", "--data", str(data), "--ckpt-every", "3"]
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    exact = [*EXACT, "--global-batch", "12", "--num-workers", "1", "--data", str(data), "--ckpt-every", "3"]
     out = tmp_path / "run"
+    _torchrun(2, *exact, "--out", str(out), "--max-steps", "3")
     # The resumed run also splits each rank's batch into 2 micro-batches (DDP syncs on the last).
-    for nproc, steps, more in ((2, 3, []), (3, 7, ["--resume", "--grad-accum", "2"])):
-        done = subprocess.run([torchrun, f"--nproc_per_node={nproc}", "-m", "jobs.train_gpt", *exact, "--out", str(out),
-                               "--max-steps", str(steps), *more], cwd=ROOT, env=env, capture_output=True, text=True)
-        assert done.returncode == 0, done.stderr[-3000:]
+    done = _torchrun(3, *exact, "--out", str(out), "--max-steps", "7", "--resume", "--grad-accum", "2")
     assert "resumed from step 3 (epoch 0, 36 samples into it)" in done.stderr
     train(TrainConfig(data=str(data), out=str(tmp_path / "ref"), max_steps=7, global_batch=12, log_every=1,
                       precision="fp32", dropout=0.0, class_dropout=0.0, lr=1e-2))
@@ -273,17 +281,10 @@ def test_export_loads_with_from_pretrained_and_gives_the_live_models_logits(tmp_
 
 
 def test_fsdp_checkpoint_of_2_ranks_resumes_on_3_and_in_one_process(tmp_path, data):
-    torchrun = str(Path(sys.executable).parent / "torchrun")
-    exact = ["--global-batch", "12", "--log-every", "1", "--precision", "fp32", "--dropout", "0", "--class-dropout", "0",
-             "--lr", "1e-2", "--data", str(data), "--ckpt-every", "3"]
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    exact = [*EXACT, "--global-batch", "12", "--data", str(data), "--ckpt-every", "3", "--fsdp"]
 
     def run(nproc: int, out: Path, steps: int, *more: str) -> subprocess.CompletedProcess:
-        done = subprocess.run([torchrun, f"--nproc_per_node={nproc}", "-m", "jobs.train_gpt", *exact, "--fsdp",
-                               "--out", str(out), "--max-steps", str(steps), *more],
-                              cwd=ROOT, env=env, capture_output=True, text=True)
-        assert done.returncode == 0, done.stderr[-3000:]
-        return done
+        return _torchrun(nproc, *exact, "--out", str(out), "--max-steps", str(steps), *more)
 
     run(2, tmp_path / "run", 3)
     import shutil
@@ -341,15 +342,10 @@ def test_an_async_save_killed_mid_write_leaves_the_previous_checkpoint_in_charge
 def test_hsdp_two_replicas_of_two_shards_match_one_process(tmp_path, data):
     """Sharded within groups of 2 ranks, replicated across 2 groups (as across 2 nodes), with a
     sharded checkpoint and a resume on the same layout."""
-    torchrun = str(Path(sys.executable).parent / "torchrun")
-    exact = ["--global-batch", "8", "--log-every", "1", "--precision", "fp32", "--dropout", "0", "--class-dropout", "0",
-             "--lr", "1e-2", "--data", str(data), "--ckpt-every", "2", "--fsdp", "--shard-ranks", "2"]
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    exact = [*EXACT, "--global-batch", "8", "--data", str(data), "--ckpt-every", "2", "--fsdp", "--shard-ranks", "2"]
     out = tmp_path / "run"
     for steps, more in ((2, []), (4, ["--resume"])):
-        done = subprocess.run([torchrun, "--nproc_per_node=4", "-m", "jobs.train_gpt", *exact, "--out", str(out),
-                               "--max-steps", str(steps), *more], cwd=ROOT, env=env, capture_output=True, text=True)
-        assert done.returncode == 0, done.stderr[-3000:]
+        done = _torchrun(4, *exact, "--out", str(out), "--max-steps", str(steps), *more)
         assert "FSDP: 2 replica(s) of the model, each sharded over 2 ranks" in done.stderr
     train(TrainConfig(data=str(data), out=str(tmp_path / "ref"), max_steps=4, global_batch=8, log_every=1,
                       precision="fp32", dropout=0.0, class_dropout=0.0, lr=1e-2))

@@ -12,8 +12,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from pipelines.consumer.checkpoints import load_latest, save_checkpoint
-from pipelines.consumer.sharded_checkpoints import ShardedCheckpointer, latest_step, read_train_state
+from pipelines.consumer.checkpoints import latest_step, load_latest, save_checkpoint
+from pipelines.consumer.sharded_checkpoints import ShardedCheckpointer, read_train_state
 from pipelines.consumer.streaming import TokenDataset
 from vfmtok_core.training import EMA
 

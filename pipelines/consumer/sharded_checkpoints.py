@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from collections.abc import Mapping
 
 import torch.distributed as dist
@@ -26,7 +25,7 @@ from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
 
 from pipelines.consumer.checkpoints import LATEST
-from pipelines.contract.storage import exists, filesystem, is_local, join, read_json, write_json
+from pipelines.contract.storage import filesystem, is_local, join, read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -44,18 +43,6 @@ def _io(path: str, storage_options: Mapping | None, write: bool):
         return FileSystemWriter(local) if write else FileSystemReader(local)
     opts = dict(storage_options or {})
     return FsspecWriter(path, **opts) if write else FsspecReader(path, **opts)
-
-
-def latest_step(url: str, storage_options: Mapping | None = None) -> dict | None:
-    """``latest.json`` of a checkpoint folder (``{"step", "path", "format"}``), or None."""
-    fs, root = filesystem(url, storage_options)
-    if not exists(fs, join(root, LATEST)):
-        return None
-    latest = read_json(fs, join(root, LATEST), limit=1 << 16)
-    if not re.fullmatch(r"step-\d{8}(\.pt)?", str(latest.get("path"))):
-        raise ValueError(f"{LATEST} in {url} names {latest.get('path')!r}, not a checkpoint of this folder")
-    latest.setdefault("format", "full" if latest["path"].endswith(".pt") else "sharded")
-    return latest
 
 
 class ShardedCheckpointer:
