@@ -352,3 +352,25 @@ def test_hsdp_two_replicas_of_two_shards_match_one_process(tmp_path, data):
     ours, ref = _losses(out / "metrics.jsonl"), _losses(tmp_path / "ref" / "metrics.jsonl")
     assert ours.keys() == ref.keys() == {1, 2, 3, 4}
     assert all(abs(ours[k] - ref[k]) < 1e-4 for k in ref)
+
+
+def test_init_starts_from_released_or_exported_weights(tmp_path, data):
+    import torch
+
+    from jobs.cli import UsageError
+    from jobs.export_gpt import ExportConfig, export
+
+    common = dict(data=str(data), global_batch=8, log_every=1, precision="fp32", max_steps=1)
+    train(TrainConfig(out=str(tmp_path / "a"), max_steps=2, **{k: v for k, v in common.items() if k != "max_steps"}))
+    export(ExportConfig(checkpoint=str(tmp_path / "a"), out=str(tmp_path / "a.pt")))
+    # A step at lr 0 leaves the weights as they started: the export's EMA (what from_pretrained picks).
+    train(TrainConfig(out=str(tmp_path / "b"), init=str(tmp_path / "a.pt"), lr=0.0, **common))
+    export(ExportConfig(checkpoint=str(tmp_path / "b"), out=str(tmp_path / "b.pt")))
+    start, after = (torch.load(tmp_path / f"{n}.pt", weights_only=True) for n in "ab")
+    assert all(torch.equal(after["model"][k], start["ema"][k]) for k in start["ema"])
+    other = tmp_path / "other"
+    make_token_dataset(other, shards=2, rows=8)
+    manifest = json.loads((other / "manifest.json").read_text())
+    (other / "manifest.json").write_text(json.dumps({**manifest, "codebook_size": 2048}))
+    with pytest.raises(UsageError, match="vocabulary of 1024"):
+        train(TrainConfig(out=str(tmp_path / "c"), init=str(tmp_path / "a.pt"), **{**common, "data": str(other)}))
