@@ -254,7 +254,9 @@ def train(cfg: TrainConfig) -> dict:
             for i in range(cfg.grad_accum):
                 with meter.waiting():
                     batch = next(batches, None)
-                if _any_rank_out(batch is None, world):  # shards were skipped: the epoch ran short
+                # Only skipped shards can leave a rank short of its epoch's batches; the check is a
+                # collective (a device sync on NCCL), so it runs only when shards may be skipped.
+                if _any_rank_out(batch is None, world if cfg.skip_bad_shards else 1):
                     break
                 # Dropout and class dropout draw from a stream fixed by (seed, micro-batch, rank): resumes repeat them.
                 torch.manual_seed(cfg.seed * 1_000_003 + (step * cfg.grad_accum + i) * world + rank)
