@@ -326,3 +326,24 @@ def test_a_forked_loader_worker_never_closes_the_parents_s3_sessions(s3_bucket):
         os._exit(0 if sessions() == 0 else 1)
     assert os.waitpid(pid, 0)[1] == 0
     assert sessions() >= 1  # the parent's own stay
+
+
+def test_a_shard_evicted_between_its_fill_and_its_mapping_is_fetched_again(dataset, tmp_path, monkeypatch):
+    """Under budget pressure another process's fill may evict a shard this one just filled."""
+    import os
+    import threading
+
+    from pipelines.consumer import node_cache
+
+    url, keys = dataset
+    real, evicted = np.load, []
+
+    def racing(path, *args, **kwargs):
+        if not evicted and threading.current_thread() is threading.main_thread():  # the reader, not a read-ahead
+            evicted.append(path)
+            os.remove(path)  # as another fill's eviction would, before this process maps it
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(node_cache.np, "load", racing)
+    ds = TokenDataset(str(url), rank=0, world_size=1, cache_dir=str(tmp_path / "c"))
+    assert sorted(s["key"] for s in ds) == sorted(keys) and len(evicted) == 1

@@ -152,13 +152,18 @@ class NodeCache:
         if path in self._maps:
             return self._maps[path]
         entry = self._entry(path, sha256)
-        if not os.path.exists(entry):
-            with _flock(entry[: -len(".npy")] + ".lock", fcntl.LOCK_EX):
-                if not os.path.exists(entry):
-                    self._fill(path, sha256, entry)
+        while True:
+            if not os.path.exists(entry):
+                with _flock(entry[: -len(".npy")] + ".lock", fcntl.LOCK_EX):
+                    if not os.path.exists(entry):
+                        self._fill(path, sha256, entry)
+            try:
+                rows = np.load(entry, mmap_mode="r")
+                break
+            except FileNotFoundError:
+                continue  # evicted (by another fill, under budget pressure) before it was mapped: again
         with contextlib.suppress(FileNotFoundError):
             os.utime(entry)  # recency, for eviction
-        rows = np.load(entry, mmap_mode="r")
         with self._lock:
             self._maps[path] = rows
         return rows
