@@ -23,10 +23,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from jobs.cli import UsageError, fail, parse_config, setup_logging, storage_options
-from pipelines.consumer.checkpoints import LATEST
+from pipelines.consumer.checkpoints import latest_step
 from pipelines.consumer.run_checkpoints import RunCheckpoints
 from pipelines.contract.redact import redact, redact_url
-from pipelines.contract.storage import filesystem, is_local, join, read_json
+from pipelines.contract.storage import filesystem, is_local, join
 from pipelines.consumer.streaming import DatasetIncomplete, DatasetMismatch, ShardError, TokenDataset, TokenLoader
 from vfmtok_core.gpt import GPT, GPT_CONFIGS
 from vfmtok_core.training import EMA, Throughput, adamw, peak_tflops
@@ -325,8 +325,7 @@ def run_on_ray(cfg: TrainConfig) -> dict:
         trainer = TorchTrainer(lambda: train(cfg), scaling_config=ScalingConfig(num_workers=cfg.ray_workers, use_gpu=use_gpu))
         trainer.fit()  # raises if a worker failed
     # Ray Train keeps metrics only with its own checkpoints; ours are in --out already.
-    fs, root = filesystem(cfg.out, storage_options(cfg.storage_options))
-    return read_json(fs, join(root, LATEST))
+    return latest_step(cfg.out, storage_options(cfg.storage_options))
 
 
 def main(argv=None) -> None:

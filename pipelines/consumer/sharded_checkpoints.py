@@ -45,6 +45,12 @@ def _io(path: str, storage_options: Mapping | None, write: bool):
     return FsspecWriter(path, **opts) if write else FsspecReader(path, **opts)
 
 
+def _location(url: str, storage_options: Mapping | None, step_path: str) -> str:
+    """Where DCP reads or writes ``step_path`` of ``url``: a local folder, or the fsspec URL."""
+    fs, root = filesystem(url, storage_options)
+    return os.path.join(root, step_path) if is_local(fs) else url.rstrip("/") + "/" + step_path
+
+
 class ShardedCheckpointer:
     """Saves (asynchronously) and restores sharded checkpoints of one run; every rank calls it.
 
@@ -60,14 +66,10 @@ class ShardedCheckpointer:
         self.group = dist.new_group(backend="gloo") if self.distributed else None
         self.pending = None  # (future, step, train state) of a save not yet published
 
-    def _path(self, step: int) -> str:
-        fs, root = filesystem(self.url, self.storage_options)
-        return self.url.rstrip("/") + "/" + step_name(step) if not is_local(fs) else os.path.join(root, step_name(step))
-
     def save(self, step: int, state: dict, train_state: dict) -> None:
         """Start saving ``state`` (tensors, possibly sharded) for ``step``; ``train_state`` is JSON."""
         self.wait()
-        writer = _io(self._path(step), self.storage_options, write=True)
+        writer = _io(_location(self.url, self.storage_options, step_name(step)), self.storage_options, write=True)
         common = dict(storage_writer=writer, process_group=self.group, no_dist=not self.distributed)
         if self.asynchronous:
             future = dcp.async_save(state, **common)
@@ -97,14 +99,11 @@ class ShardedCheckpointer:
             write_json(fs, join(root, LATEST), {"step": step, "path": step_name(step), "format": "sharded"})
             log.info("checkpoint %s published", join(root, step_name(step)))
 
-    def load(self, step_path: str, state: dict) -> dict:
+    def load(self, step_path: str, state: dict) -> None:
         """Read the checkpoint at ``step_path`` (a ``latest.json`` path) into ``state``'s tensors in
-        place, resharded as they are; returns its train state."""
-        fs, root = filesystem(self.url, self.storage_options)
-        path = self._path(int(step_path.split("-")[1]))
-        dcp.load(state, storage_reader=_io(path, self.storage_options, write=False), process_group=self.group,
-                 no_dist=not self.distributed)
-        return read_json(fs, join(root, step_path, TRAIN_STATE), limit=1 << 24)
+        place, resharded as they are (its train state is :func:`read_train_state`)."""
+        reader = _io(_location(self.url, self.storage_options, step_path), self.storage_options, write=False)
+        dcp.load(state, storage_reader=reader, process_group=self.group, no_dist=not self.distributed)
 
 
 def read_train_state(url: str, step_path: str, storage_options: Mapping | None = None) -> dict:
@@ -114,6 +113,5 @@ def read_train_state(url: str, step_path: str, storage_options: Mapping | None =
 
 def load_for_export(url: str, step_path: str, state: dict, storage_options: Mapping | None = None) -> None:
     """Read a sharded checkpoint into ``state`` (plain tensors, one process, no process group)."""
-    fs, root = filesystem(url, storage_options)
-    path = url.rstrip("/") + "/" + step_path if not is_local(fs) else os.path.join(root, step_path)
-    dcp.load(state, storage_reader=_io(path, storage_options, write=False), no_dist=True)
+    reader = _io(_location(url, storage_options, step_path), storage_options, write=False)
+    dcp.load(state, storage_reader=reader, no_dist=True)

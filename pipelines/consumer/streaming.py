@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipelines.consumer.node_cache import NodeCache, prefetcher
+from pipelines.consumer.node_cache import ChecksumMismatch, NodeCache, prefetcher
 from pipelines.consumer.order import ORDERS, EpochOrder, rank_positions
 from pipelines.contract.manifest import MANIFEST, load_commits
 from pipelines.contract.redact import redact_url
@@ -244,7 +244,8 @@ class TokenDataset(IterableDataset):
         try:
             return self.cache.get(shard["path"], shard["sha256"])
         except Exception as e:  # noqa: BLE001 - any fetch/parse failure names the shard
-            detail = "does not match its manifest checksum (corrupted or replaced)" if "sha256" in str(e) else \
+            replaced = isinstance(e.__cause__, ChecksumMismatch)  # every fetch of it mismatched
+            detail = "does not match its manifest checksum (corrupted or replaced)" if replaced else \
                 f"cannot be read: {type(e).__name__}: {e}"
             raise ShardError(f"shard {shard['path']} of {redact_url(self.url)} {detail}") from e
 
