@@ -118,7 +118,8 @@ def rejects_bytes(rejects: list[dict]) -> bytes:
 def decode_shard(data: bytes, fmt: str) -> tuple[list[str], np.ndarray, np.ndarray]:
     """Shard bytes -> (keys, labels int64 with -1 for unknown, tokens uint16 (N, V*T))."""
     if fmt == "parquet":
-        table = pq.read_table(io.BytesIO(data), columns=["key", "label", "tokens"])
+        # ParquetFile, not read_table: see Plan.from_parquet for why.
+        table = pq.ParquetFile(io.BytesIO(data)).read(columns=["key", "label", "tokens"], use_threads=False)
         tokens = table.column("tokens").combine_chunks()
         width = tokens.type.list_size
         arr = tokens.flatten().to_numpy().reshape(-1, width)

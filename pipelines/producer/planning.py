@@ -91,7 +91,11 @@ class Plan:
     @staticmethod
     def from_parquet(data: bytes) -> tuple["Plan", dict]:
         """(plan, the identity it was stored with)."""
-        table = pq.read_table(pa.BufferReader(data))
+        # Not pq.read_table: it scans through Arrow's dataset layer, whose background threads can
+        # still be starting when a short-lived process exits, and pyarrow 26.0.1 then aborts in
+        # teardown ("terminate called without an active exception", exit 134; apache/arrow#34314).
+        # A job that fails right after reading its plan did so in about half of its runs.
+        table = pq.ParquetFile(pa.BufferReader(data)).read(use_threads=False)
         meta = json.loads(table.schema.metadata[_META_KEY])
         return Plan(table.replace_schema_metadata(None).cast(PLAN_SCHEMA), meta["classes"]), meta["identity"]
 
