@@ -35,7 +35,7 @@ import numpy as np
 
 from bench.local_s3 import moto_server
 from jobs.cli import parse_config, setup_logging
-from pipelines.consumer.order import EpochOrder
+from pipelines.contract.order import EpochOrder
 from pipelines.producer.planning import interleaved_order
 
 log = logging.getLogger("bench.node_cache")

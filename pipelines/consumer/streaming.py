@@ -2,7 +2,7 @@
 
 An epoch is a fixed list of shards (a complete dataset's, or in follow mode the shards committed
 when the epoch began) and one order of their samples, a pure function of (seed, epoch, that list)
-(see :mod:`pipelines.consumer.order`: a global permutation when the set fits the node cache, shard
+(see :mod:`pipelines.contract.order`: a global permutation when the set fits the node cache, shard
 windows otherwise). Rank r of W takes positions r, r + W, ... from the resume point; within a rank,
 DataLoader workers take turns by whole batches, so after k batches every rank has consumed exactly
 its first k * batch_size positions and all ranks together a prefix of the order. The state is the
@@ -28,7 +28,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipelines.consumer.node_cache import ChecksumMismatch, NodeCache, prefetcher
-from pipelines.consumer.order import ORDERS, EpochOrder, rank_positions
+from pipelines.contract.order import ORDERS, EpochOrder, rank_positions
 from pipelines.contract.manifest import MANIFEST, load_commits
 from pipelines.contract.redact import redact_url
 from pipelines.contract.storage import exists, filesystem, join, read_json

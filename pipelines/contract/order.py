@@ -1,5 +1,6 @@
 """The order of an epoch's samples: a pure function of (seed, epoch, the epoch's shards), computed
-position by position, so that no process ever holds the order of the whole epoch.
+position by position, so that no process ever holds the order of the whole epoch. Every reader
+follows it: the GPT trainer over token shards, the tokenizer trainer over an input's work items.
 
 Two orders:
 
