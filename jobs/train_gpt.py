@@ -22,7 +22,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from jobs.cli import UsageError, fail, parse_config, setup_logging, storage_options
+from jobs.cli import UsageError, storage_options
+from jobs.distributed import mean_across, run_on_ray_train, setup_distributed, trainer_main
 from pipelines.consumer.checkpoints import latest_step
 from pipelines.consumer.run_checkpoints import RunCheckpoints
 from pipelines.contract.redact import redact, redact_url
@@ -75,19 +76,6 @@ class TrainConfig:
     cache_bytes: int = field(default=16 << 30, metadata={"help": "most bytes of decoded shards the node's cache holds"})
     storage_options: str = field(default="{}", metadata={"help": "fsspec options for --data and --out: JSON, or @FILE holding JSON"})
     metrics: str | None = field(default=None, metadata={"help": "JSONL metrics file (default: <out>/metrics.jsonl if local)"})
-
-
-def _setup_distributed() -> tuple[int, int, torch.device]:
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    return rank, world, device
 
 
 def _shard_group(cfg: TrainConfig, world: int) -> int:
@@ -172,19 +160,11 @@ def _distinct_batches(keys: list[str], world: int) -> int:
     return len(set(gathered))
 
 
-def _mean(value: torch.Tensor, world: int) -> float:
-    if world > 1:
-        value = value.detach().clone()
-        dist.all_reduce(value)
-        value /= world
-    return float(value.detach())
-
-
 def train(cfg: TrainConfig) -> dict:
     """The training loop (one call per rank); returns the last metrics on every rank."""
     if not cfg.data:
         raise SystemExit("--data is required")
-    rank, world, device = _setup_distributed()
+    rank, world, device = setup_distributed()
     so = storage_options(cfg.storage_options)
     if cfg.global_batch % world:
         raise SystemExit(f"--global-batch {cfg.global_batch} is not divisible by the world size {world}")
@@ -279,7 +259,7 @@ def train(cfg: TrainConfig) -> dict:
                 break
             if step % cfg.log_every == 0 or step == cfg.max_steps:
                 last = {
-                    "step": step, "epoch": epoch, "loss": _mean(loss, world), "grad_norm": float(grad_norm),
+                    "step": step, "epoch": epoch, "loss": float(mean_across(loss, world)), "grad_norm": float(grad_norm),
                     "lr": cfg.lr, **meter.report(device), "world_size": world,
                     "distinct_rank_batches": _distinct_batches(batch["key"], world),
                     "epoch_samples": len(ds), "skipped_shards": len(ds.skipped_shards),
@@ -313,32 +293,14 @@ def train(cfg: TrainConfig) -> dict:
 
 
 def run_on_ray(cfg: TrainConfig) -> dict:
-    """Run :func:`train` on ``cfg.ray_workers`` Ray Train workers (DDP or FSDP inside); returns
-    the newest checkpoint's ``{"step", "path"}``."""
-    from ray.train import ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from pipelines.ray_runtime import ray_session
-
-    with ray_session() as ray:
-        use_gpu = ray.cluster_resources().get("GPU", 0) >= cfg.ray_workers
-        trainer = TorchTrainer(lambda: train(cfg), scaling_config=ScalingConfig(num_workers=cfg.ray_workers, use_gpu=use_gpu))
-        trainer.fit()  # raises if a worker failed
-    # Ray Train keeps metrics only with its own checkpoints; ours are in --out already.
+    """Run :func:`train` on ``cfg.ray_workers`` Ray Train workers; returns the newest checkpoint's
+    ``{"step", "path"}``."""
+    run_on_ray_train(lambda: train(cfg), cfg.ray_workers)
     return latest_step(cfg.out, storage_options(cfg.storage_options))
 
 
 def main(argv=None) -> None:
-    setup_logging()
-    cfg = parse_config(TrainConfig, argv, description=__doc__)
-    try:
-        last = run_on_ray(cfg) if cfg.ray_workers else train(cfg)
-    except (UsageError, DatasetMismatch, DatasetIncomplete, ShardError, FileNotFoundError) as e:
-        fail(e)
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        print(json.dumps(last))
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    trainer_main(TrainConfig, train, run_on_ray, (UsageError, DatasetMismatch, DatasetIncomplete, ShardError, FileNotFoundError), argv, __doc__)
 
 
 if __name__ == "__main__":
