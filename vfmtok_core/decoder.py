@@ -68,6 +68,13 @@ class DecoderTransformer(nn.Module):
         self.norm_post1 = nn.LayerNorm(d)
         self.norm_post2 = nn.LayerNorm(d)
         self.proj = nn.Linear(d, feature_dim)
+        # Upstream xavier-initialises every Linear here (biases zero); it matters only when training
+        # from scratch, as loaded weights replace it.
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
 
     def pixel_positions(self) -> torch.Tensor:
         """Positions of the decoder grid, resized bicubically from the DINOv2 grid.

@@ -80,7 +80,12 @@ def reference_grid(n: int, device=None) -> torch.Tensor:
 
 
 class RegionAdaptiveEncoder(nn.Module):
-    """DINOv2 levels (list of (B, HW, in_dim)) -> slots (B, num_queries, dim)."""
+    """DINOv2 levels (list of (B, HW, in_dim)) -> slots (B, num_queries, dim).
+
+    Initialisation quirk kept for training from scratch: upstream's attempt to xavier-initialise
+    the deformable layers loops over parameters instead of modules and does nothing, so every Linear
+    but the deformable attention's own keeps PyTorch's default init; so do ours.
+    """
 
     def __init__(self, cfg: EncoderConfig, in_dim: int, num_levels: int, backend: str = "auto") -> None:
         super().__init__()

@@ -120,19 +120,24 @@ class VFMTokenizer(nn.Module):
         backbone = {k[len(FULL_MODEL_BACKBONE) :]: state.pop(k) for k in list(state) if k.startswith(FULL_MODEL_BACKBONE)}
         if not decoder_only:
             if dinov2 is not None:
-                backbone = ckpt.select_state_dict(
-                    ckpt.load_checkpoint(dinov2, storage_options), ("model", "state_dict"), dinov2
-                )
+                model.load_dinov2(dinov2, storage_options)
             elif not backbone:
                 raise ckpt.CheckpointError(
                     f"{tokenizer} holds no DINOv2 backbone weights; pass dinov2=<.pth path or URL>"
                 )
-            ckpt.load_strict(model.dinov2, backbone, f"DINOv2 weights ({dinov2 or tokenizer})")
+            else:
+                ckpt.load_strict(model.dinov2, backbone, f"DINOv2 weights ({tokenizer})")
         trainable = {k: v for k, v in model.state_dict().items() if not k.startswith("dinov2.")}
         ckpt.check_state_dict(trainable, state, f"tokenizer weights ({tokenizer})", optional=[USAGE_BUFFER])
         model.load_state_dict(state, strict=False)
         log.info("loaded tokenizer %s (fingerprint %s)", tokenizer, model.fingerprint)
         return model.to(device)
+
+    def load_dinov2(self, url: str, storage_options: Mapping | None = None) -> None:
+        """Load the frozen backbone from a flat ``dinov2_vit*14_reg4_pretrain.pth`` (path or URL)."""
+        state = ckpt.select_state_dict(ckpt.load_checkpoint(url, storage_options), ("model", "state_dict"), url)
+        ckpt.load_strict(self.dinov2, state, f"DINOv2 weights ({url})")
+        self._fingerprint = None
 
     def train(self, mode: bool = True) -> "VFMTokenizer":
         super().train(mode)

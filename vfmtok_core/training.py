@@ -1,9 +1,10 @@
-"""Training utilities for the GPT: the upstream optimiser recipe, an EMA of the weights, and the
-throughput and MFU accounting of a run."""
+"""Training utilities for the GPT and the tokenizer: the upstream optimiser recipes and learning-rate
+schedule, an EMA of the weights, and the throughput and MFU accounting of a run."""
 
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 
 import torch
@@ -23,12 +24,25 @@ def adamw(model: nn.Module, lr: float, betas: tuple[float, float], weight_decay:
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=on_cuda or None, foreach=None if on_cuda else True)
 
 
+def warmup_cosine_lr(step: int, lr: float, warmup_steps: int, total_steps: int, warmup_init: float = 1e-7,
+                     min_lr: float | None = None) -> float:
+    """The tokenizer's schedule (timm's ``CosineLRScheduler`` with a warmup prefix, per step): linear
+    from ``warmup_init`` to ``lr`` over ``warmup_steps``, then a cosine to ``min_lr`` over the rest.
+    Upstream sets ``min_lr`` to ``lr``, which makes everything after the warmup constant; that is
+    the default here (``min_lr=None``)."""
+    if step < warmup_steps:
+        return warmup_init + step * (lr - warmup_init) / warmup_steps
+    floor = lr if min_lr is None else min_lr
+    t = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return floor + 0.5 * (lr - floor) * (1 + math.cos(math.pi * t))
+
+
 def _is_dtensor(t: torch.Tensor) -> bool:
     return type(t).__name__ == "DTensor"
 
 
 class EMA:
-    """Exponential moving average of a model's parameters (buffers untouched), kept in fp32.
+    """Exponential moving average of a model's trained parameters (buffers untouched), kept in fp32.
 
     Built from the parameters as they are after wrapping: under FSDP they are sharded DTensors and
     the average stays sharded the same way, so it costs no communication per step. Its state dict
@@ -37,13 +51,14 @@ class EMA:
 
     def __init__(self, model: nn.Module, decay: float):
         self.decay = decay
-        self.params = {name: p.detach().float().clone() for name, p in model.named_parameters()}
+        # Frozen parameters (the tokenizer's DINOv2) never move: averaging them would only cost memory.
+        self.params = {name: p.detach().float().clone() for name, p in model.named_parameters() if p.requires_grad}
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        """``ema += (1 - decay) * (param - ema)`` for every parameter in one multi-tensor op (a
-        Python loop over XL's hundreds of tensors costs a launch each on a GPU)."""
-        current = [p.detach() for p in model.parameters()]
+        """``ema += (1 - decay) * (param - ema)`` for every trained parameter in one multi-tensor op
+        (a Python loop over XL's hundreds of tensors costs a launch each on a GPU)."""
+        current = [p.detach() for p in model.parameters() if p.requires_grad]
         averages = list(self.params.values())
         if any(p.dtype != torch.float32 for p in current):
             current = [p.float() for p in current]
@@ -125,13 +140,13 @@ class Throughput:
             "mfu": flops_per_s / (self.peak * 1e12 * self.world) if self.peak else None,
             "data_wait_s": self.wait,
             "data_wait_share": self.wait / elapsed,
-            "peak_memory_gb": _peak_memory_gb(device),
+            "peak_memory_gb": peak_memory_gb(device),
         }
         self._reset()
         return out
 
 
-def _peak_memory_gb(device: torch.device) -> float:
+def peak_memory_gb(device: torch.device) -> float:
     """Peak memory allocated on the GPU, or the process's peak resident memory on a CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 1e9
