@@ -26,4 +26,10 @@ if ! "$venv/bin/python" -c "import torch" 2>/dev/null; then
   fi
 fi
 "${pip[@]}" -e ".[${extras}]" 2>&1 | grep -v "^WARNING: Location" || true
+if [[ ",${extras}," == *",test,"* ]]; then
+  # The tests check our LPIPS against the `lpips` package. Its torchvision dependency is left out:
+  # the index's torchvision is a CUDA build that cannot import beside the CPU torch (its ops need
+  # libtorch_cuda), and the tests give lpips the plain VGG16 layer stack it asks torchvision for.
+  "${pip[@]}" --no-deps "lpips==0.1.4"
+fi
 "$venv/bin/python" -c "import vfmtok_core, kernels, pipelines, jobs" # fail loudly if the install did not take
