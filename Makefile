@@ -41,6 +41,7 @@ bench: $(VENV)/.ready-bench  ## benchmarks (print side-by-side ratios)
 	$(PY) -m bench.dry_run
 	$(PY) -m bench.node_cache
 	$(PY) -m bench.train
+	$(PY) -m bench.train_tokenizer
 
 clean:
 	rm -rf out .pytest_cache

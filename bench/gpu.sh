@@ -28,6 +28,9 @@
 #                  MFU = 6 x parameters x tokens/s over 989 TFLOP/s (H200 dense bf16 peak): the 6N
 #                  rule counts every parameter (embeddings too) and no attention-score FLOPs
 #   sample_bench   bench.sample: KV-cache generation (CPU) and GPU images/s, eager and compiled
+#   tok_train      jobs.train_tokenizer, official config (random weights, full-size LPIPS and
+#                  discriminator, GAN terms on), bf16, global batch 16 on the one GPU: images/s and
+#                  peak memory of the whole step (tokenizer, LPIPS, discriminator, both optimisers)
 #   train_mfu      bench.train: the trainer itself (jobs.train_gpt), GPT-B and GPT-XL at 256 tokens,
 #                  bf16, eager and --compile: step time, tokens/s, MFU (6 FLOPs per matmul weight
 #                  plus attention, over the GPU's dense bf16 peak), peak memory
@@ -329,6 +332,15 @@ EOF
 sample_bench() { py -m bench.sample --batch-size 1; }
 train_mfu() { py -m bench.train --sizes GPT-B GPT-XL --steps 6 --warmup 3 --no-checkpoints; }
 
+tok_train() {  # the tokenizer trainer's metrics over steps 9-16 (after 8 warm-up steps)
+    py -c 'import sys; from pathlib import Path; from bench.pipeline import write_jpegs; write_jpegs(Path(sys.argv[1]), 64)' \
+        "$WORK/tok_images" >/dev/null || return 1
+    py -m jobs.train_tokenizer --data "$WORK/tok_images" --out "$WORK/tok_run" --config vfmtok-l14-336 --precision bf16 \
+        --global-batch 16 --epochs 1000 --max-steps 16 --log-every 8 --disc-start 0 --image-every 0 --ckpt-every 1000 \
+        >/dev/null || return 1
+    tail -n 1 "$WORK/tok_run/metrics.jsonl"
+}
+
 run_step setup 90 setup
 if [ -n "$PY" ]; then
     run_step kernel_tests 120 kernel_tests
@@ -344,6 +356,7 @@ if [ -n "$PY" ]; then
         skip job "ray is not importable: fetch its wheels with bench/gpu.sh --wheels and carry .whl"
     fi
     run_step gpt_mfu 45 gpt_mfu
+    run_step tok_train 90 tok_train
     run_step sample_bench 90 sample_bench
     run_step train_mfu 150 train_mfu
 fi
