@@ -35,7 +35,7 @@ def _psnr(model: VFMTokenizer, x: torch.Tensor) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--dropout", type=float, default=0.0, help="decoder attention dropout (off: the point is to memorise)")
     args = parser.parse_args()
