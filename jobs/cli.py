@@ -35,12 +35,12 @@ def parse_config(cls: type[T], argv: Sequence[str] | None = None, description: s
     parser = argparse.ArgumentParser(description=description or (cls.__doc__ or "").strip())
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        flag = "--" + f.name.replace("_", "-")
+        flags = ["--" + f.name.replace("_", "-"), *f.metadata.get("aliases", ())]
         tp, is_list = _arg_type(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         help_text = f.metadata.get("help", "")
         if tp is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+            parser.add_argument(*flags, action=argparse.BooleanOptionalAction, default=default, help=help_text)
             continue
         kwargs = dict(default=default, help=f"{help_text} (default: {default})")
         if "choices" in f.metadata:
@@ -49,7 +49,7 @@ def parse_config(cls: type[T], argv: Sequence[str] | None = None, description: s
             kwargs.update(nargs="+", type=tp)
         else:
             kwargs["type"] = tp
-        parser.add_argument(flag, **kwargs)
+        parser.add_argument(*flags, dest=f.name, **kwargs)
     ns = parser.parse_args(argv)
     values = {f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)}
     for f in dataclasses.fields(cls):

@@ -2,9 +2,14 @@
 
 Two outputs:
 - ``--classes 207,360,387 --out grid.png``: a labelled PNG grid, one row per class;
-- ``--num N --out samples.npz``: N samples with uniformly random classes in the ADM evaluator format
-  (``arr_0`` uint8 NHWC at ``--image-size``, bicubic-resized from the tokenizer's 336 as upstream;
-  ``arr_1`` the labels).
+- ``--num N --out samples.npz``: N samples in the ADM evaluator format (``arr_0`` uint8 NHWC at
+  ``--image-size``, bicubic-resized from the tokenizer's 336 as upstream; ``arr_1`` the labels),
+  class-balanced (N / classes each, shuffled) or, as upstream, uniformly random (``--labels random``).
+
+The ``.npz`` is sampled in chunks of ``--batch-size``, each seeded by (seed, chunk), on Ray actors
+(``--workers``: one per GPU, or CPU actors), on ``torchrun`` ranks, or in this process. The bytes
+depend on the seed and the chunk size only, not on how many workers computed them; finished chunks
+are kept beside the output (``<out>.parts/``) so a crashed run resumes where it stopped.
 
 Without ``--gpt`` / ``--tokenizer`` it uses random GPT-tiny and tiny-tokenizer weights (a smoke run).
 """
@@ -22,6 +27,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from jobs.cli import parse_config, setup_logging
+from jobs.sample_npz import sample_npz
 from vfmtok_core import CONFIGS, VFMTokenizer
 from vfmtok_core.generate import compiled_decode, generate
 from vfmtok_core.gpt import GPT, GPT_CONFIGS
@@ -44,8 +50,12 @@ class SampleConfig:
     config: str = field(default="tiny", metadata={"help": "tokenizer config", "choices": sorted(CONFIGS)})
     classes: str = field(default="207,360,387,974,88,979", metadata={"help": "comma-separated class ids for the grid"})
     per_class: int = field(default=4, metadata={"help": "grid samples per class"})
-    num: int = field(default=0, metadata={"help": "write this many random-class samples to an .npz instead"})
-    batch_size: int = field(default=32, metadata={"help": "sequences generated at once"})
+    num: int = field(default=0, metadata={"help": "write this many samples to an ADM .npz instead (50000 for the FID protocol); "
+                                                  "under torchrun spell it --num-samples (torchrun takes --num for its --numa-binding)",
+                                          "aliases": ["--num-samples"]})
+    labels: str = field(default="balanced", metadata={"help": "with --num: num/classes per class, shuffled; or uniformly random as upstream", "choices": ["balanced", "random"]})
+    workers: int = field(default=0, metadata={"help": "with --num: Ray actors sampling chunks (0: this process, or the torchrun ranks)"})
+    batch_size: int = field(default=32, metadata={"help": "sequences generated at once (with --num: the seeded chunk, which the samples depend on)"})
     cfg_scale: float = field(default=4.0, metadata={"help": "classifier-free guidance scale (<= 1: CFG-free)"})
     temperature: float = field(default=1.0, metadata={"help": "softmax temperature"})
     top_k: int = field(default=0, metadata={"help": "keep the k most likely tokens (0: all)"})
@@ -111,22 +121,18 @@ def labelled_grid(images: np.ndarray, labels: list[int], per_row: int, pad: int 
 
 
 def run(cfg: SampleConfig) -> Path:
-    gpt, tok = build_models(cfg)
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if cfg.num > 0:
-        g = torch.Generator().manual_seed(cfg.seed)
-        labels = torch.randint(0, gpt.config.num_classes, (cfg.num,), generator=g)
-        images = sample_images(cfg, gpt, tok, labels)
-        np.savez(out, arr_0=images, arr_1=labels.numpy())
-    else:
-        classes = [int(c) for c in cfg.classes.split(",") if c.strip()]
-        bad = [c for c in classes if not 0 <= c < gpt.config.num_classes]
-        if bad:
-            raise ValueError(f"classes {bad} outside [0, {gpt.config.num_classes})")
-        labels = torch.tensor(classes).repeat_interleave(cfg.per_class)
-        images = sample_images(cfg, gpt, tok, labels)
-        labelled_grid(images, labels.tolist(), cfg.per_class).save(out)
+        return Path(sample_npz(cfg, build_models, GPT_CONFIGS[cfg.size].num_classes))
+    gpt, tok = build_models(cfg)
+    classes = [int(c) for c in cfg.classes.split(",") if c.strip()]
+    bad = [c for c in classes if not 0 <= c < gpt.config.num_classes]
+    if bad:
+        raise ValueError(f"classes {bad} outside [0, {gpt.config.num_classes})")
+    labels = torch.tensor(classes).repeat_interleave(cfg.per_class)
+    images = sample_images(cfg, gpt, tok, labels)
+    labelled_grid(images, labels.tolist(), cfg.per_class).save(out)
     log.info("wrote %s", out)
     return out
 
