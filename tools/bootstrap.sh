@@ -31,5 +31,11 @@ if [[ ",${extras}," == *",test,"* ]]; then
   # the index's torchvision is a CUDA build that cannot import beside the CPU torch (its ops need
   # libtorch_cuda), and the tests give lpips the plain VGG16 layer stack it asks torchvision for.
   "${pip[@]}" --no-deps "lpips==0.1.4"
+  # The same for torch-fidelity, the reference our Inception port is checked against. Its wheel also
+  # installs a top-level `tests` package (its own suite); ours has an __init__.py so that it wins,
+  # and the stray one is removed all the same.
+  "${pip[@]}" --no-deps "torch-fidelity==0.4.0"
+  site=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+  if [ -d "$site/tests/torch_pure" ]; then rm -rf "$site/tests"; fi
 fi
 "$venv/bin/python" -c "import vfmtok_core, kernels, pipelines, jobs" # fail loudly if the install did not take
