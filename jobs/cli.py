@@ -37,8 +37,11 @@ def parse_config(cls: type[T], argv: Sequence[str] | None = None, description: s
     for f in dataclasses.fields(cls):
         flags = ["--" + f.name.replace("_", "-"), *f.metadata.get("aliases", ())]
         tp, is_list = _arg_type(hints[f.name])
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         help_text = f.metadata.get("help", "")
+        if f.metadata.get("positional"):  # a required operand, e.g. the files a job compares
+            parser.add_argument(f.name, type=tp, help=help_text)
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         if tp is bool:
             parser.add_argument(*flags, action=argparse.BooleanOptionalAction, default=default, help=help_text)
             continue

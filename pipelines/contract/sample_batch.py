@@ -76,3 +76,33 @@ def write_sample_batch(out: str, image_shape: tuple[int, int, int], chunks: Iter
         _write_member(zf, "arr_0", (len(labels), *image_shape), np.uint8, chunks)
         _write_member(zf, "arr_1", (len(labels),), np.int64, [labels])
     fs.mv(tmp, path)
+
+
+def _header(member) -> tuple[tuple[int, ...], bool, np.dtype]:
+    version = np.lib.format.read_magic(member)
+    if version == (1, 0):
+        return np.lib.format.read_array_header_1_0(member)
+    return np.lib.format.read_array_header_2_0(member)
+
+
+def iter_array(path: str, name: str, batch: int, storage_options: Mapping | None = None) -> Iterable[np.ndarray]:
+    """The rows of member ``name`` of an ``.npz`` (e.g. ``arr_0``), ``batch`` at a time, read from the
+    zip stream: a 50k-image batch is never in memory whole. Compressed or stored members both work."""
+    fs, path = filesystem(path, storage_options)
+    with fs.open(path, "rb") as f, zipfile.ZipFile(f) as zf, zf.open(f"{name}.npy") as member:
+        shape, fortran, dtype = _header(member)
+        if fortran:
+            raise ValueError(f"{path}:{name} is stored in Fortran order; expected C order")
+        row = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+        for start in range(0, shape[0], batch):
+            n = min(batch, shape[0] - start)
+            data = member.read(n * row)
+            if len(data) != n * row:
+                raise ValueError(f"{path}:{name} ends after {start} of {shape[0]} rows")
+            yield np.frombuffer(data, dtype=dtype).reshape(n, *shape[1:])
+
+
+def array_shape(path: str, name: str, storage_options: Mapping | None = None) -> tuple[int, ...]:
+    fs, path = filesystem(path, storage_options)
+    with fs.open(path, "rb") as f, zipfile.ZipFile(f) as zf, zf.open(f"{name}.npy") as member:
+        return tuple(_header(member)[0])

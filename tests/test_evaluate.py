@@ -1,0 +1,138 @@
+"""End to end on this CPU: sample -> .npz -> jobs.evaluate, and a tokenizer -> jobs.evaluate_tokenizer,
+with random-weight models and a random-weight Inception file; the reports checked against figures
+computed here from the same network by other means."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+from PIL import Image
+from skimage.metrics import peak_signal_noise_ratio
+
+from jobs.evaluate import EvaluateConfig
+from jobs.evaluate import run as evaluate
+from jobs.evaluate_tokenizer import EvaluateTokenizerConfig
+from jobs.evaluate_tokenizer import run as evaluate_tokenizer
+from jobs.sample import SampleConfig
+from jobs.sample import run as sample
+from jobs.tokenize import TokenizeConfig
+from jobs.tokenize import run as tokenize
+from pipelines.producer.samples import bundled_photos
+from tests.test_inception import random_state
+from vfmtok_core import VFMTokenizer
+from vfmtok_core.inception import InceptionV3
+from vfmtok_core.preprocess import center_crop, to_tensor, to_uint8
+
+
+@pytest.fixture(scope="module")
+def inception(tmp_path_factory):
+    """Random weights that keep activations at a steady scale, so features tell images apart."""
+    path = tmp_path_factory.mktemp("inception") / "inception.pth"
+    torch.save(random_state(0), path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    root = tmp_path_factory.mktemp("photos")
+    for name, img in bundled_photos():
+        img.thumbnail((160, 160))
+        img.save(root / f"{name}.png")
+    return root
+
+
+def _pool(inception: str, images: np.ndarray) -> np.ndarray:
+    net = InceptionV3.from_file(inception).eval()
+    with torch.no_grad():
+        return net(torch.from_numpy(images).permute(0, 3, 1, 2).float())["pool"].numpy().astype(np.float64)
+
+
+def _fid(a: np.ndarray, b: np.ndarray) -> float:
+    """FID computed another way than vfmtok_core.metrics: with few samples (n << 2048) the
+    covariances are ``A'A/(n-1)`` and ``B'B/(n-1)`` for the centred activations, and the nonzero
+    eigenvalues of their product are those of the n x n matrix ``(AB')(BA')/(n-1)^2``."""
+    ca, cb = a - a.mean(0), b - b.mean(0)
+    cross = ca @ cb.T / np.sqrt((len(a) - 1) * (len(b) - 1))
+    trace_root = np.sqrt(np.clip(scipy.linalg.eigvals(cross @ cross.T).real, 0, None)).sum()
+    traces = (ca**2).sum() / (len(a) - 1) + (cb**2).sum() / (len(b) - 1)
+    return float(((a.mean(0) - b.mean(0)) ** 2).sum() + traces - 2 * trace_root)
+
+
+def test_sample_then_evaluate(tmp_path, inception, photos, caplog):
+    samples = sample(SampleConfig(out=str(tmp_path / "s.npz"), num=12, batch_size=6, image_size=64, seed=1))
+    real = np.stack([np.asarray(center_crop(Image.open(p).convert("RGB"), 64)) for p in sorted(photos.iterdir())] * 2)
+    np.savez(tmp_path / "ref.npz", arr_0=real)
+    cfg = EvaluateConfig(str(samples), str(tmp_path / "ref.npz"), inception=inception, cache_dir=str(tmp_path / "cache"),
+                         batch_size=5, out=str(tmp_path / "report.json"))
+    report = evaluate(cfg)
+    assert report["samples"] == 12 and report["reference_images"] == 12
+    assert report["reference_statistics"] == "computed"
+    fake = _pool(inception, np.load(samples)["arr_0"])
+    assert report["fid"] == pytest.approx(_fid(fake, _pool(inception, real)), rel=1e-3)
+    assert report["inception_score"] >= 1.0 and 0 <= report["precision"] <= 1 and 0 <= report["recall"] <= 1
+    assert json.loads((tmp_path / "report.json").read_text()) == report
+    # The reference is computed once: the second run reads the cache and reports the same.
+    with caplog.at_level("INFO", logger="jobs.evaluate"):
+        assert evaluate(cfg) == report
+    assert "from the cache" in caplog.text
+    # A batch scored against itself: FID ~ 0, every point inside the other's manifold.
+    same = evaluate(EvaluateConfig(str(tmp_path / "ref.npz"), str(tmp_path / "ref.npz"), inception=inception,
+                                   cache_dir=str(tmp_path / "cache")))
+    # (Not exactly 0: 12 samples in 2048 dimensions leave ~2000 zero eigenvalues, whose float
+    # noise the square root magnifies; 50k samples do not.)
+    assert abs(same["fid"]) < 1e-5 * report["fid"] and same["precision"] == same["recall"] == 1.0
+
+
+def test_reference_statistics_in_the_file_are_used(tmp_path, inception, photos):
+    real = np.stack([np.asarray(center_crop(Image.open(p).convert("RGB"), 64)) for p in sorted(photos.iterdir())] * 2)
+    other = real[:, ::-1].copy()  # the statistics of another set, stored as ADM's reference batches store them
+    pool = _pool(inception, other)
+    net = InceptionV3.from_file(inception).eval()
+    with torch.no_grad():
+        spatial = net(torch.from_numpy(other).permute(0, 3, 1, 2).float())["spatial"].numpy().astype(np.float64)
+    np.savez(tmp_path / "ref.npz", arr_0=real, mu=pool.mean(0), sigma=np.cov(pool, rowvar=False),
+             mu_s=spatial.mean(0), sigma_s=np.cov(spatial, rowvar=False))
+    np.savez(tmp_path / "s.npz", arr_0=real)
+    report = evaluate(EvaluateConfig(str(tmp_path / "s.npz"), str(tmp_path / "ref.npz"), inception=inception,
+                                     cache_dir=str(tmp_path / "cache")))
+    assert report["reference_statistics"] == "from the file"
+    assert report["fid"] == pytest.approx(_fid(_pool(inception, real), pool), rel=1e-3) and report["fid"] > 1e-3
+    assert report["precision"] == report["recall"] == 1.0  # the images themselves are the same set
+
+
+def test_evaluate_tokenizer_direct_from_tokens_and_on_ray(tmp_path, inception, photos):
+    base = dict(data=str(photos), inception=inception, config="tiny", batch_size=4, size=64)
+    direct = evaluate_tokenizer(EvaluateTokenizerConfig(out=str(tmp_path / "direct"), **base))
+    assert direct["images"] == 6 and 0 < direct["codebook_usage"] <= 1 and direct["codebook_perplexity"] >= 1
+    assert direct["ssim_upstream"] > direct["ssim"]  # upstream's data_range of 2 on [0, 1] images inflates it
+    assert np.isfinite(direct["rfid"]) and direct["ris"] >= 1
+    # One image's PSNR computed here by other means: reconstruct, uint8 as upstream, PIL bicubic to 64, skimage.
+    tok = VFMTokenizer.from_config("tiny", seed=0)
+    name = sorted(photos.iterdir())[0]
+    crop = np.asarray(center_crop(Image.open(name).convert("RGB"), 112))
+    recon = to_uint8(tok.decode(tok.encode(to_tensor(crop[None]))))[0]
+    small = [np.asarray(Image.fromarray(a).resize((64, 64), Image.BICUBIC)) / 255.0 for a in (crop, recon)]
+    lines = [json.loads(line) for line in (tmp_path / "direct" / "per_image.jsonl").read_text().splitlines()]
+    mine = next(rec for rec in lines if rec["key"] == name.stem)
+    # (Decoded alone here, in a batch of 4 there: float rounding may move a pixel by one level.)
+    assert mine["psnr"] == pytest.approx(peak_signal_noise_ratio(small[0], small[1], data_range=1.0), rel=1e-4)
+    assert Image.open(tmp_path / "direct" / "best_worst.png").size == (6 * 64, 2 * 64)
+
+    tokenize(TokenizeConfig(input=str(photos), output=str(tmp_path / "tok"), config="tiny", workers=1))
+    from_tokens = evaluate_tokenizer(EvaluateTokenizerConfig(out=str(tmp_path / "t"), tokens=str(tmp_path / "tok"), **base))
+    assert from_tokens["codes_from"] == str(tmp_path / "tok")
+    _same_report(from_tokens, direct)
+    _same_report(evaluate_tokenizer(EvaluateTokenizerConfig(out=str(tmp_path / "r"), workers=2, **base)), direct)
+
+
+def _same_report(got: dict, expected: dict) -> None:
+    """Equal reports: the same images, codes and pixel metrics exactly; the Inception figures to
+    float noise (the CPU convolutions' rounding can depend on memory alignment between runs)."""
+    loose = {"rfid", "ris"}
+    assert {k: v for k, v in got.items() if k not in loose | {"codes_from"}} == \
+        {k: v for k, v in expected.items() if k not in loose | {"codes_from"}}
+    assert all(got[k] == pytest.approx(expected[k], rel=1e-6) for k in loose)
