@@ -31,6 +31,8 @@
 #   tok_train      jobs.train_tokenizer, official config (random weights, full-size LPIPS and
 #                  discriminator, GAN terms on), bf16, global batch 16 on the one GPU: images/s and
 #                  peak memory of the whole step (tokenizer, LPIPS, discriminator, both optimisers)
+#   sample_npz     jobs.sample --num 2048 (the 50k protocol's job), GPT-B random weights, bf16, CFG 1.5,
+#                  batch 256, official decoder at 336 -> 256: images/s and the minutes 50k would take
 #   train_mfu      bench.train: the trainer itself (jobs.train_gpt), GPT-B and GPT-XL at 256 tokens,
 #                  bf16, eager and --compile: step time, tokens/s, MFU (6 FLOPs per matmul weight
 #                  plus attention, over the GPU's dense bf16 peak), peak memory
@@ -332,6 +334,13 @@ EOF
 sample_bench() { py -m bench.sample --batch-size 1; }
 train_mfu() { py -m bench.train --sizes GPT-B GPT-XL --steps 6 --warmup 3 --no-checkpoints; }
 
+sample_npz() {  # jobs.sample --num: GPT-B (random weights) in bf16 with CFG 1.5, official decoder, one process
+    py -m jobs.sample --size GPT-B --config vfmtok-l14-336 --num 2048 --batch-size 256 --precision bf16 \
+        --cfg-scale 1.5 --out "$WORK/samples.npz" 2>"$WORK/sample_npz.log" || { tail -n 20 "$WORK/sample_npz.log" >&2; return 1; }
+    grep -o '[0-9]* images sampled in [0-9.]*s ([0-9.]* images/s)' "$WORK/sample_npz.log" | tail -n 1 |
+        awk '{r = substr($6, 2); printf "{\"images\": %s, \"seconds\": %s, \"images_per_s\": %s, \"minutes_for_50k\": %.1f}\n", $1, substr($5, 1, length($5) - 1), r, 50000 / r / 60}'
+}
+
 tok_train() {  # the tokenizer trainer's metrics over steps 9-16 (after 8 warm-up steps)
     py -c 'import sys; from pathlib import Path; from bench.pipeline import write_jpegs; write_jpegs(Path(sys.argv[1]), 64)' \
         "$WORK/tok_images" >/dev/null || return 1
@@ -357,6 +366,7 @@ if [ -n "$PY" ]; then
     fi
     run_step gpt_mfu 45 gpt_mfu
     run_step tok_train 90 tok_train
+    run_step sample_npz 120 sample_npz
     run_step sample_bench 90 sample_bench
     run_step train_mfu 150 train_mfu
 fi

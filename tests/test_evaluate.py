@@ -136,3 +136,19 @@ def _same_report(got: dict, expected: dict) -> None:
     assert {k: v for k, v in got.items() if k not in loose | {"codes_from"}} == \
         {k: v for k, v in expected.items() if k not in loose | {"codes_from"}}
     assert all(got[k] == pytest.approx(expected[k], rel=1e-6) for k in loose)
+
+
+@pytest.mark.parametrize("module, args, message", [
+    ("jobs.evaluate", ["/nonexistent/samples.npz", "/nonexistent/ref.npz", "--inception", "x.pth"], "does not exist"),
+    ("jobs.evaluate_tokenizer", ["--data", "/nonexistent/images"], "--data and --inception are required"),
+])
+def test_user_mistakes_are_one_line_and_exit_2(module, args, message):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    done = subprocess.run([sys.executable, "-m", module, *args], cwd=Path(__file__).resolve().parents[1],
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"}, capture_output=True, text=True)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert message in done.stderr and "Traceback" not in done.stderr
