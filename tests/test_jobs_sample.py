@@ -104,3 +104,33 @@ def test_labels_are_balanced_or_uniform_and_seeded():
     assert np.bincount(random, minlength=1000).std() > 3  # upstream's draws: not balanced
     assert np.array_equal(sample_labels(50000, 1000, "random", seed=0), random)
     assert not np.array_equal(sample_labels(50000, 1000, "balanced", seed=1), balanced)
+
+
+def test_a_killed_run_resumes_to_the_same_bytes(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    paths = _checkpoints(tmp_path)
+    args = ["--num", "30", "--batch-size", "2", "--seed", "3", "--image-size", "32",
+            *[f"--{k.replace('_', '-')}={v}" for k, v in paths.items()], "--out", str(tmp_path / "k.npz")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.sample", *args], cwd=root, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    parts = tmp_path / "k.npz.parts"
+    deadline = time.time() + 120
+    while len(list(parts.glob("chunk-*.npy"))) < 3 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    kept = len(list(parts.glob("chunk-*.npy")))
+    assert 3 <= kept < 15 and not (tmp_path / "k.npz").exists(), "the run finished before it could be killed"
+    done = subprocess.run([sys.executable, "-m", "jobs.sample", *args], cwd=root, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"resuming: {kept} of 15 chunks already sampled" in done.stderr
+    reference = run(SampleConfig(out=str(tmp_path / "ref.npz"), num=30, batch_size=2, seed=3, image_size=32, **paths))
+    assert (tmp_path / "k.npz").read_bytes() == reference.read_bytes()
