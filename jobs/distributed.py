@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.distributed as dist
@@ -66,3 +66,30 @@ def trainer_main(config_cls: type, train: Callable, run_on_ray: Callable, user_e
         print(json.dumps(last))
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def map_on_actors(actor_cls: type, init: tuple, workers: int, tasks: Iterable[tuple[object, tuple]],
+                  on_result: Callable[[object, object], None], method: str = "chunk", in_flight: int = 2) -> None:
+    """Run ``actor.<method>(*args)`` for each ``(key, args)`` of ``tasks`` on ``workers`` Ray actors of
+    ``actor_cls(*init)`` (a GPU each when the cluster has one per actor, else a CPU each), at most
+    ``in_flight`` calls queued per actor, and hand each result to ``on_result(key, result)`` as it
+    arrives (in completion order). Tasks are drawn lazily, so a long input is never listed whole.
+    Raises the first failure."""
+    from pipelines.ray_runtime import ray_session
+
+    with ray_session() as ray:
+        gpus = ray.cluster_resources().get("GPU", 0) >= workers
+        remote_cls = ray.remote(num_gpus=1 if gpus else 0, num_cpus=0 if gpus else 1)(actor_cls)
+        free = [a for a in (remote_cls.remote(*init) for _ in range(workers)) for _ in range(in_flight)]
+        pending: dict = {}
+        todo = iter(tasks)
+        task = next(todo, None)
+        while task is not None or pending:
+            while task is not None and free:
+                actor = free.pop()
+                pending[getattr(actor, method).remote(*task[1])] = (actor, task[0])
+                task = next(todo, None)
+            done, _ = ray.wait(list(pending), num_returns=1)
+            actor, key = pending.pop(done[0])
+            on_result(key, ray.get(done[0]))
+            free.append(actor)

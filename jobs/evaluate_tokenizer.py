@@ -33,6 +33,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from jobs.cli import UsageError, fail, parse_config, setup_logging, storage_options
+from jobs.distributed import map_on_actors
 from jobs.evaluate import load_inception
 from pipelines.contract.inspect import load_tokens
 from pipelines.contract.redact import redact_url
@@ -99,10 +100,26 @@ class _Evaluator:
         self.tok = _tokenizer(cfg)
         self.net = load_inception(cfg.inception, cfg.device, storage_options(cfg.storage_options))
 
-    def chunk(self, keys: list[str], crops: np.ndarray, codes: np.ndarray | None) -> dict:
+    def chunk(self, samples: list[tuple[str, bytes | None, tuple | None]], codes: np.ndarray | None) -> dict:
+        """Decode and crop the chunk's images (here, where the work is spread), reconstruct them
+        (or decode the given codes) and measure; unusable images are reported, not fatal."""
         cfg = self.cfg
-        if codes is None:
-            codes = self.tok.encode(to_tensor(crops).to(cfg.device)).cpu().numpy()
+        keys, crops, kept, rejected = [], [], [], []
+        for i, (key, data, error) in enumerate(samples):
+            if error is not None:
+                rejected.append((key, *error))
+                continue
+            try:
+                crops.append(np.asarray(center_crop(decode_image(data), self.tok.config.image_size)))
+            except Rejected as e:
+                rejected.append((key, e.reason, str(e)))
+                continue
+            keys.append(key)
+            kept.append(i)
+        if not keys:
+            return {"keys": [], "rejected": rejected}
+        crops = np.stack(crops)
+        codes = self.tok.encode(to_tensor(crops).to(cfg.device)).cpu().numpy() if codes is None else codes[kept]
         recon = to_uint8(self.tok.decode(torch.from_numpy(codes).long()))
         truth, recon = _resize(crops, cfg.size), _resize(recon, cfg.size)
         with torch.no_grad():
@@ -113,7 +130,7 @@ class _Evaluator:
         order = np.argsort(p)
         shown = sorted(set(order[:SHOWN].tolist()) | set(order[-SHOWN:].tolist()))
         return {
-            "keys": keys, "codes": codes, "psnr": p, "ssim": ssim(t, r, data_range=1.0),
+            "keys": keys, "rejected": rejected, "codes": codes, "psnr": p, "ssim": ssim(t, r, data_range=1.0),
             "ssim_upstream": ssim(t, r, data_range=2.0),
             "truth_pool": acts["truth"]["pool"].cpu().numpy(), "recon_pool": acts["recon"]["pool"].cpu().numpy(),
             "recon_logits": acts["recon"]["logits"].cpu().numpy(),
@@ -121,22 +138,17 @@ class _Evaluator:
         }
 
 
-def _images(cfg: EvaluateTokenizerConfig, size: int, so: Mapping | None) -> Iterator[tuple[str, np.ndarray]]:
-    """(key, centre crop uint8) of the input's readable images, in plan order; others are logged."""
+def _samples(cfg: EvaluateTokenizerConfig, so: Mapping | None) -> Iterator[tuple[str, bytes | None, tuple | None]]:
+    """(key, encoded bytes, None) of the input's first ``--num`` samples in plan order, or
+    (key, None, (reason, message)) for one the input checks refused."""
     fmt = cfg.input_format or detect_format(cfg.data, so)
     seen = 0
     for item in plan(cfg.data, fmt, 1024, so):
         for sample in read_item(item, so):
-            if sample.error is None:
-                try:
-                    yield sample.key, np.asarray(center_crop(decode_image(sample.data), size))
-                    seen += 1
-                except Rejected as e:
-                    log.warning("skipped %s (%s): %s", sample.key, e.reason, e)
-            else:
-                log.warning("skipped %s (%s): %s", sample.key, *sample.error)
             if cfg.num and seen >= cfg.num:
                 return
+            seen += 1
+            yield sample.key, sample.data, sample.error
 
 
 def _token_lookup(cfg: EvaluateTokenizerConfig, tok: VFMTokenizer, so: Mapping | None) -> dict[str, np.ndarray]:
@@ -152,20 +164,24 @@ def _token_lookup(cfg: EvaluateTokenizerConfig, tok: VFMTokenizer, so: Mapping |
     return {k: np.asarray(t[v * n : (v + 1) * n], np.int64) for k, t in zip(rows["key"].to_list(), rows["tokens"].to_list())}
 
 
-def _chunks(cfg: EvaluateTokenizerConfig, size: int, lookup: dict | None, so) -> Iterator[tuple[list[str], np.ndarray, np.ndarray | None]]:
-    keys, crops = [], []
-    missing = 0
-    for key, crop in _images(cfg, size, so):
+def _chunks(cfg: EvaluateTokenizerConfig, lookup: dict | None, so) -> Iterator[tuple[list, np.ndarray | None]]:
+    """Chunks of ``--batch-size`` samples (with their codes from the token dataset, if one is
+    given), still encoded: whoever evaluates a chunk decodes it."""
+    batch, missing = [], 0
+
+    def emit():
+        return batch, np.stack([lookup[k] for k, _, _ in batch]) if lookup is not None else None
+
+    for key, data, error in _samples(cfg, so):
         if lookup is not None and key not in lookup:
             missing += 1
             continue
-        keys.append(key)
-        crops.append(crop)
-        if len(keys) == cfg.batch_size:
-            yield keys, np.stack(crops), np.stack([lookup[k] for k in keys]) if lookup is not None else None
-            keys, crops = [], []
-    if keys:
-        yield keys, np.stack(crops), np.stack([lookup[k] for k in keys]) if lookup is not None else None
+        batch.append((key, data, error))
+        if len(batch) == cfg.batch_size:
+            yield emit()
+            batch = []
+    if batch:
+        yield emit()
     if missing:
         log.warning("%d images have no codes in %s and were left out", missing, cfg.tokens)
 
@@ -187,26 +203,14 @@ def _run_chunks(cfg: EvaluateTokenizerConfig, chunks: Iterator, evaluator: _Eval
             dist.all_gather_object(gathered, mine)
             mine = [r for part in gathered for r in part]
         return [r for _, r in sorted(mine, key=lambda x: x[0])]
-    from pipelines.ray_runtime import ray_session
+    results: dict = {}
 
-    with ray_session() as ray:
-        gpus = ray.cluster_resources().get("GPU", 0) >= cfg.workers
-        actor_cls = ray.remote(num_gpus=1 if gpus else 0, num_cpus=0 if gpus else 1)(_Evaluator)
-        free = [a for a in (actor_cls.remote(cfg) for _ in range(cfg.workers)) for _ in range(2)]
-        pending, results = {}, {}
-        todo = enumerate(chunks)
-        nxt = next(todo, None)
-        while nxt is not None or pending:
-            while nxt is not None and free:
-                actor = free.pop()
-                pending[actor.chunk.remote(*nxt[1])] = (actor, nxt[0])
-                nxt = next(todo, None)
-            done, _ = ray.wait(list(pending), num_returns=1)
-            actor, i = pending.pop(done[0])
-            results[i] = ray.get(done[0])
-            free.append(actor)
-            bar.update(1)
-        return [results[i] for i in sorted(results)]
+    def keep(i: int, result: dict) -> None:
+        results[i] = result
+        bar.update(1)
+
+    map_on_actors(_Evaluator, (cfg,), cfg.workers, enumerate(chunks), keep)
+    return [results[i] for i in sorted(results)]
 
 
 def _grid(shown: list, size: int) -> Image.Image:
@@ -229,7 +233,11 @@ def run(cfg: EvaluateTokenizerConfig) -> dict:
     evaluator = None if cfg.workers else _Evaluator(cfg)
     tok = evaluator.tok if evaluator else _tokenizer(cfg)
     lookup = _token_lookup(cfg, tok, so) if cfg.tokens else None
-    results = _run_chunks(cfg, _chunks(cfg, tok.config.image_size, lookup, so), evaluator)
+    results = _run_chunks(cfg, _chunks(cfg, lookup, so), evaluator)
+    rejected = [r for res in results for r in res["rejected"]]
+    for key, reason, message in rejected:
+        log.warning("skipped %s (%s): %s", key, reason, message)
+    results = [r for r in results if r["keys"]]
     if not results:
         raise UsageError(f"no readable images in {cfg.data}")
     cat = {k: np.concatenate([r[k] for r in results]) for k in ("codes", "psnr", "ssim", "ssim_upstream", "truth_pool",
@@ -237,7 +245,7 @@ def run(cfg: EvaluateTokenizerConfig) -> dict:
     keys = [k for r in results for k in r["keys"]]
     size = tok.config.quantizer.codebook_size
     report = {
-        "images": len(keys),
+        "images": len(keys), "rejected": len(rejected),
         "rfid": frechet_distance(FeatureStats.from_activations(cat["recon_pool"]), FeatureStats.from_activations(cat["truth_pool"]),
                                  method=cfg.fid_method),
         "ris": inception_score(cat["recon_logits"]),

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from jobs.distributed import map_on_actors
 from pipelines.contract.sample_batch import finished_chunks, parts_url, read_chunk, write_chunk, write_sample_batch
 from pipelines.contract.storage import filesystem
 
@@ -47,29 +48,6 @@ def sample_chunk(cfg, gpt, tok, labels: np.ndarray, index: int) -> np.ndarray:
 
 def _chunks(num: int, size: int) -> list[tuple[int, int, int]]:
     return [(c, start, min(num, start + size)) for c, start in enumerate(range(0, num, size))]
-
-
-def _on_ray(cfg, todo: list[tuple[int, int, int]], labels: np.ndarray, parts: str, bar: tqdm) -> None:
-    """Chunks on ``cfg.workers`` actors (a GPU each when the cluster has them), two in flight per
-    actor; the driver writes each chunk as it arrives, so a crash loses only chunks in flight."""
-    from pipelines.ray_runtime import ray_session
-
-    with ray_session() as ray:
-        gpus = ray.cluster_resources().get("GPU", 0) >= cfg.workers
-        actor_cls = ray.remote(num_gpus=1 if gpus else 0, num_cpus=0 if gpus else 1)(_Sampler)
-        actors = [actor_cls.remote(cfg) for _ in range(cfg.workers)]
-        pending: dict = {}
-        queue = list(todo)
-        free = [a for a in actors for _ in range(2)]
-        while queue or pending:
-            while queue and free:
-                actor, (c, start, stop) = free.pop(), queue.pop(0)
-                pending[actor.chunk.remote(labels[start:stop], c)] = (actor, c)
-            done, _ = ray.wait(list(pending), num_returns=1)
-            actor, c = pending.pop(done[0])
-            write_chunk(parts, c, ray.get(done[0]))  # raises if the actor failed
-            free.append(actor)
-            bar.update(1)
 
 
 class _Sampler:
@@ -103,7 +81,12 @@ def sample_npz(cfg, build_models, num_classes: int) -> str:
     start = time.perf_counter()
     bar = tqdm(total=len(chunks), initial=len(chunks) - len(todo), desc="sampling", unit="chunk", disable=rank != 0)
     if cfg.workers and todo:
-        _on_ray(cfg, todo, labels, parts, bar)
+        # The driver writes each chunk as it arrives, so a crash loses only the chunks in flight.
+        def keep(c: int, images: np.ndarray) -> None:
+            write_chunk(parts, c, images)
+            bar.update(1)
+
+        map_on_actors(_Sampler, (cfg,), cfg.workers, ((c, (labels[lo:hi], c)) for c, lo, hi in todo), keep)
     elif todo:
         gpt, tok = build_models(cfg)
         for c, lo, hi in todo[rank::world]:  # torchrun ranks take turns; one process takes all

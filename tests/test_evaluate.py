@@ -104,15 +104,28 @@ def test_reference_statistics_in_the_file_are_used(tmp_path, inception, photos):
     assert report["precision"] == report["recall"] == 1.0  # the images themselves are the same set
 
 
-def test_evaluate_tokenizer_direct_from_tokens_and_on_ray(tmp_path, inception, photos):
-    base = dict(data=str(photos), inception=inception, config="tiny", batch_size=4, size=64)
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, photos):
+    """The photos and one file that is not an image."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("data")
+    for p in photos.iterdir():
+        shutil.copy(p, root / p.name)
+    (root / "broken.png").write_bytes(b"not a png")
+    return root
+
+
+def test_evaluate_tokenizer_direct_from_tokens_and_on_ray(tmp_path, inception, photos, data):
+    base = dict(data=str(data), inception=inception, config="tiny", batch_size=4, size=64)
     direct = evaluate_tokenizer(EvaluateTokenizerConfig(out=str(tmp_path / "direct"), **base))
-    assert direct["images"] == 6 and 0 < direct["codebook_usage"] <= 1 and direct["codebook_perplexity"] >= 1
+    assert direct["images"] == 6 and direct["rejected"] == 1
+    assert 0 < direct["codebook_usage"] <= 1 and direct["codebook_perplexity"] >= 1
     assert direct["ssim_upstream"] > direct["ssim"]  # upstream's data_range of 2 on [0, 1] images inflates it
     assert np.isfinite(direct["rfid"]) and direct["ris"] >= 1
     # One image's PSNR computed here by other means: reconstruct, uint8 as upstream, PIL bicubic to 64, skimage.
     tok = VFMTokenizer.from_config("tiny", seed=0)
-    name = sorted(photos.iterdir())[0]
+    name = sorted(photos.iterdir())[0]  # the same file as in data
     crop = np.asarray(center_crop(Image.open(name).convert("RGB"), 112))
     recon = to_uint8(tok.decode(tok.encode(to_tensor(crop[None]))))[0]
     small = [np.asarray(Image.fromarray(a).resize((64, 64), Image.BICUBIC)) / 255.0 for a in (crop, recon)]
@@ -122,20 +135,22 @@ def test_evaluate_tokenizer_direct_from_tokens_and_on_ray(tmp_path, inception, p
     assert mine["psnr"] == pytest.approx(peak_signal_noise_ratio(small[0], small[1], data_range=1.0), rel=1e-4)
     assert Image.open(tmp_path / "direct" / "best_worst.png").size == (6 * 64, 2 * 64)
 
-    tokenize(TokenizeConfig(input=str(photos), output=str(tmp_path / "tok"), config="tiny", workers=1))
+    tokenize(TokenizeConfig(input=str(data), output=str(tmp_path / "tok"), config="tiny", workers=1))
     from_tokens = evaluate_tokenizer(EvaluateTokenizerConfig(out=str(tmp_path / "t"), tokens=str(tmp_path / "tok"), **base))
     assert from_tokens["codes_from"] == str(tmp_path / "tok")
-    _same_report(from_tokens, direct)
+    assert from_tokens["rejected"] == 0  # the tokenization job rejected the broken file: it has no codes
+    _same_report({**from_tokens, "rejected": 1}, direct)
     _same_report(evaluate_tokenizer(EvaluateTokenizerConfig(out=str(tmp_path / "r"), workers=2, **base)), direct)
 
 
 def _same_report(got: dict, expected: dict) -> None:
-    """Equal reports: the same images, codes and pixel metrics exactly; the Inception figures to
-    float noise (the CPU convolutions' rounding can depend on memory alignment between runs)."""
-    loose = {"rfid", "ris"}
+    """Equal reports: the same images and codes exactly; the measured figures to float noise (the
+    decoder's rounding depends on how images are batched, which moves a pixel by one level here
+    and there, and CPU convolutions can round differently between runs)."""
+    loose = {"rfid", "ris", "psnr", "ssim", "ssim_upstream"}
     assert {k: v for k, v in got.items() if k not in loose | {"codes_from"}} == \
         {k: v for k, v in expected.items() if k not in loose | {"codes_from"}}
-    assert all(got[k] == pytest.approx(expected[k], rel=1e-6) for k in loose)
+    assert all(got[k] == pytest.approx(expected[k], rel=1e-4) for k in loose)
 
 
 @pytest.mark.parametrize("module, args, message", [
@@ -152,3 +167,23 @@ def test_user_mistakes_are_one_line_and_exit_2(module, args, message):
                           env={**os.environ, "PYTHONWARNINGS": "ignore"}, capture_output=True, text=True)
     assert done.returncode == 2, done.stderr[-2000:]
     assert message in done.stderr and "Traceback" not in done.stderr
+
+
+def test_evaluate_tokenizer_on_torchrun_ranks(tmp_path, inception, data):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    base = dict(data=str(data), inception=inception, config="tiny", batch_size=2, size=64)
+    direct = evaluate_tokenizer(EvaluateTokenizerConfig(out=str(tmp_path / "direct"), **base))
+    args = [f"--{k.replace('_', '-')}={v}" for k, v in base.items()] + ["--out", str(tmp_path / "ranks")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    done = subprocess.run([str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node=2", "-m", "jobs.evaluate_tokenizer",
+                           *args], cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    _same_report(json.loads((tmp_path / "ranks" / "report.json").read_text()), direct)
+    def keys(run: str) -> list[str]:
+        return [json.loads(line)["key"] for line in (tmp_path / run / "per_image.jsonl").read_text().splitlines()]
+
+    assert keys("ranks") == keys("direct")  # the same images, in input order
