@@ -302,7 +302,8 @@ def train(cfg: TrainTokenizerConfig) -> dict:
     scheduled = cfg.epochs * steps_per_epoch  # the schedule's length does not depend on --max-steps
     total = cfg.max_steps or scheduled
     bar = tqdm(total=total, initial=step, desc="train tokenizer", unit="step", disable=rank != 0, dynamic_ncols=True)
-    sums: dict[str, torch.Tensor] = {}
+    sums: dict[str, torch.Tensor] = {}  # of the steps since the last log line (a resume starts a fresh interval)
+    counted = 0
     rejected = 0
     last: dict = {}
     interval_start, waited = time.perf_counter(), 0.0
@@ -329,15 +330,15 @@ def train(cfg: TrainTokenizerConfig) -> dict:
             consumed += cfg.global_batch
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0) + v.cpu()
+            counted += 1
             if step % cfg.log_every == 0 or step == total:
-                n = step % cfg.log_every or cfg.log_every
-                means = mean_across(torch.stack([sums[k] / n for k in sorted(sums)]), world)
+                means = mean_across(torch.stack([sums[k] / counted for k in sorted(sums)]), world)
                 elapsed = time.perf_counter() - interval_start
                 last = {"step": step, "epoch": epoch, **dict(zip(sorted(sums), means.tolist())), "lr": lr, **norms,
                         "codebook_usage": _codebook_usage(run.model), "rejected": rejected, "world_size": world,
-                        "images_per_s": n * cfg.global_batch / elapsed, "data_wait_share": waited / elapsed,
+                        "images_per_s": counted * cfg.global_batch / elapsed, "data_wait_share": waited / elapsed,
                         "peak_memory_gb": peak_memory_gb(device)}
-                sums, interval_start, waited = {}, time.perf_counter(), 0.0
+                sums, counted, interval_start, waited = {}, 0, time.perf_counter(), 0.0
                 if rank == 0:
                     bar.set_postfix(rec=f"{last['reconstruction']:.4f}", psnr=f"{last['psnr']:.2f}")
                     if metrics_path:

@@ -249,3 +249,12 @@ def test_discriminator_gradients_are_averaged_across_ranks(tmp_path):
         grads = torch.load(tmp_path / f"grads.{rank}", weights_only=True)
         # Rank 0 held 1 x arange, rank 1 held 2 x arange: both now hold the mean, 1.5 x arange.
         assert all(torch.equal(g, 1.5 * torch.arange(g.numel()).view_as(g).float()) for g in grads)
+
+
+def test_the_first_log_line_after_a_resume_averages_the_steps_it_ran(photos, tmp_path):
+    every = _cfg(photos, tmp_path / "every", max_steps=4, lr=1e-3)  # one line per step
+    train(every)
+    train(_cfg(photos, tmp_path / "r", max_steps=3, ckpt_every=3, lr=1e-3, log_every=2))
+    train(_cfg(photos, tmp_path / "r", max_steps=4, ckpt_every=3, lr=1e-3, log_every=2, resume=True))
+    # Step 4 is the resumed run's only step before its first line: that line is step 4 alone.
+    assert _metrics(tmp_path / "r")[4]["reconstruction"] == pytest.approx(_metrics(tmp_path / "every")[4]["reconstruction"], rel=1e-6)
