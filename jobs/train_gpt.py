@@ -304,4 +304,8 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # Run the importable module's main, not this __main__ copy: Ray pickles functions and classes
+    # defined in __main__ by value, with everything they reference, and some of that does not pickle.
+    from jobs.train_gpt import main as importable_main
+
+    importable_main()
