@@ -160,6 +160,16 @@ def _distinct_batches(keys: list[str], world: int) -> int:
     return len(set(gathered))
 
 
+def _check_labels(batch: dict, num_classes: int) -> None:
+    """Every sample needs a class in [0, num_classes): an input without class folders or labels
+    tokenizes to label -1, which would otherwise fail deep inside the class embedding."""
+    bad = (batch["label"] < 0) | (batch["label"] >= num_classes)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0])
+        raise UsageError(f"sample {batch['key'][i]!r} has label {int(batch['label'][i])}: class-conditional training "
+                         f"needs a label in [0, {num_classes}) for every sample (tokenize an input with labels)")
+
+
 def train(cfg: TrainConfig) -> dict:
     """The training loop (one call per rank); returns the last metrics on every rank."""
     if not cfg.data:
@@ -240,6 +250,7 @@ def train(cfg: TrainConfig) -> dict:
                     break
                 # Dropout and class dropout draw from a stream fixed by (seed, micro-batch, rank): resumes repeat them.
                 torch.manual_seed(cfg.seed * 1_000_003 + (step * cfg.grad_accum + i) * world + rank)
+                _check_labels(batch, model.config.num_classes)
                 labels, tokens = batch["label"].to(device), batch["tokens"].to(device)
                 with _gradient_sync(wrapped, i == cfg.grad_accum - 1), autocast:
                     logits = wrapped(labels, tokens)

@@ -83,8 +83,10 @@ class Exploit:
 
 def make_token_dataset(
     root: Path, shards: int = 7, rows: int = 13, variants: int = 2, fingerprint: str = "tiny-abc", fmt: str = "parquet",
+    labelled: bool = True,
 ) -> list[str]:
-    """A token dataset with known contents: token value = sample number * 10 + variant (mod 1024)."""
+    """A token dataset with known contents: token value = sample number * 10 + variant (mod 1024);
+    labels sample number mod 5, or -1 (none) when not ``labelled``."""
     parts, keys = [], []
     n = 0
     for s in range(shards):
@@ -94,7 +96,8 @@ def make_token_dataset(
         for i in range(count):
             for v in range(variants):
                 tok[i, v] = ((n + i) * 10 + v) % 1024
-        parts.append(ShardRows(k, [(n + i) % 5 for i in range(count)], ["src"] * count, [bytes(32)] * count, tok))
+        labels = [(n + i) % 5 if labelled else -1 for i in range(count)]
+        parts.append(ShardRows(k, labels, ["src"] * count, [bytes(32)] * count, tok))
         keys += k
         n += count
     identity = {"fingerprint": fingerprint, "variants": [f"v{i}" for i in range(variants)], "format": fmt,

@@ -374,3 +374,14 @@ def test_init_starts_from_released_or_exported_weights(tmp_path, data):
     (other / "manifest.json").write_text(json.dumps({**manifest, "codebook_size": 2048}))
     with pytest.raises(UsageError, match="vocabulary of 1024"):
         train(TrainConfig(out=str(tmp_path / "c"), init=str(tmp_path / "a.pt"), **{**common, "data": str(other)}))
+
+
+def test_unlabelled_samples_are_a_one_line_error(tmp_path, capsys):
+    from jobs.train_gpt import main
+
+    make_token_dataset(tmp_path / "d", shards=2, rows=8, labelled=False)
+    with pytest.raises(SystemExit) as stopped:
+        main(["--data", str(tmp_path / "d"), "--out", str(tmp_path / "o"), "--global-batch", "4", "--max-steps", "1",
+              "--precision", "fp32", "--cache-dir", str(tmp_path / "cache")])
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and "has label -1" in err and "needs a label" in err and "Traceback" not in err
