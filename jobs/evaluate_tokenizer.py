@@ -77,8 +77,10 @@ class EvaluateTokenizerConfig:
 def _tokenizer(cfg: EvaluateTokenizerConfig) -> VFMTokenizer:
     so = storage_options(cfg.storage_options)
     if cfg.tokenizer:
+        # Whole, even when only decoding a token dataset's codes: the fingerprint that must match the
+        # dataset's covers the DINOv2 weights too (a decoder-only tokenizer's never matches).
         return VFMTokenizer.from_pretrained(cfg.tokenizer, dinov2=cfg.dinov2, config=cfg.config, device=cfg.device,
-                                            precision=cfg.precision, storage_options=so, decoder_only=bool(cfg.tokens))
+                                            precision=cfg.precision, storage_options=so)
     log.warning("no --tokenizer: random %r weights (seed %d)", cfg.config, cfg.seed)
     return VFMTokenizer.from_config(cfg.config, seed=cfg.seed, device=cfg.device, precision=cfg.precision)
 

@@ -116,8 +116,19 @@ def data(tmp_path_factory, photos):
     return root
 
 
-def test_evaluate_tokenizer_direct_from_tokens_and_on_ray(tmp_path, inception, photos, data):
-    base = dict(data=str(data), inception=inception, config="tiny", batch_size=4, size=64)
+@pytest.fixture(scope="module")
+def tokenizer_files(tmp_path_factory) -> dict[str, str]:
+    """The seed-0 tiny tokenizer as released files are laid out: ``ema`` without the backbone, and
+    the backbone's own .pth."""
+    root = tmp_path_factory.mktemp("tok")
+    state = VFMTokenizer.from_config("tiny", seed=0).state_dict()
+    torch.save({"ema": {k: v for k, v in state.items() if not k.startswith("dinov2.")}}, root / "tok.pt")
+    torch.save({k[len("dinov2."):]: v for k, v in state.items() if k.startswith("dinov2.")}, root / "dinov2.pth")
+    return {"tokenizer": str(root / "tok.pt"), "dinov2": str(root / "dinov2.pth")}
+
+
+def test_evaluate_tokenizer_direct_from_tokens_and_on_ray(tmp_path, inception, photos, data, tokenizer_files):
+    base = dict(data=str(data), inception=inception, config="tiny", batch_size=4, size=64, **tokenizer_files)
     direct = evaluate_tokenizer(EvaluateTokenizerConfig(out=str(tmp_path / "direct"), **base))
     assert direct["images"] == 6 and direct["rejected"] == 1
     assert 0 < direct["codebook_usage"] <= 1 and direct["codebook_perplexity"] >= 1
@@ -135,7 +146,7 @@ def test_evaluate_tokenizer_direct_from_tokens_and_on_ray(tmp_path, inception, p
     assert mine["psnr"] == pytest.approx(peak_signal_noise_ratio(small[0], small[1], data_range=1.0), rel=1e-4)
     assert Image.open(tmp_path / "direct" / "best_worst.png").size == (6 * 64, 2 * 64)
 
-    tokenize(TokenizeConfig(input=str(data), output=str(tmp_path / "tok"), config="tiny", workers=1))
+    tokenize(TokenizeConfig(input=str(data), output=str(tmp_path / "tok"), config="tiny", workers=1, **tokenizer_files))
     from_tokens = evaluate_tokenizer(EvaluateTokenizerConfig(out=str(tmp_path / "t"), tokens=str(tmp_path / "tok"), **base))
     assert from_tokens["codes_from"] == str(tmp_path / "tok")
     assert from_tokens["rejected"] == 0  # the tokenization job rejected the broken file: it has no codes
