@@ -53,7 +53,7 @@ class EvaluateConfig:
     inception: str = field(default="", metadata={"help": "Inception weights (torch-fidelity's weights-inception-2015-12-05-6726825d.pth; path or URL; required)"})
     out: str | None = field(default=None, metadata={"help": "write the JSON report here too"})
     batch_size: int = field(default=64, metadata={"help": "images per Inception forward (ADM: 64)"})
-    fid_method: str = field(default="eigh", metadata={"help": "the root's trace in FID: eigh (same value, 6x faster) or sqrtm (ADM's arithmetic, to the last digit)", "choices": list(FRECHET_METHODS)})
+    fid_method: str = field(default="eigh", metadata={"help": "the root's trace in FID: eigh (same value, several times faster) or sqrtm (ADM's arithmetic, to the last digit)", "choices": list(FRECHET_METHODS)})
     cache_dir: str | None = field(default=None, metadata={"help": "reference statistics cache (default: $VFMTOK_CACHE_DIR/eval or ~/.cache/vfmtok/eval)"})
     device: str = field(default="cuda" if torch.cuda.is_available() else "cpu", metadata={"help": "torch device"})
     storage_options: str = field(default="{}", metadata={"help": "fsspec options for URLs: JSON, or @FILE holding JSON"})
@@ -118,16 +118,17 @@ class Reference:
     precomputed: bool  # FID/sFID statistics came with the file
 
 
-def reference(cfg: EvaluateConfig, net: InceptionV3, so: Mapping | None) -> Reference:
+def reference(cfg: EvaluateConfig, net: InceptionV3, net_id: str, so: Mapping | None) -> Reference:
     """The reference's activations and statistics, from the cache when this file and network were
     seen before."""
-    cache = _cache_root(cfg.cache_dir) / f"{_sha256(cfg.reference, so)[:24]}-{network_id(net)}.npz"
+    cache = _cache_root(cfg.cache_dir) / f"{_sha256(cfg.reference, so)[:24]}-{net_id}.npz"
     fs, path = filesystem(cfg.reference, so)
     with fs.open(path, "rb") as f:
-        members = set(np.load(f).files)
+        npz = np.load(f)  # members are read on access: only the small statistics are read here
+        given = {k: npz[k] for k in REFERENCE_STATS} if set(REFERENCE_STATS) <= set(npz.files) else {}
     if exists(*filesystem(str(cache))):
         log.info("reference statistics from the cache (%s)", cache)
-        data = np.load(cache)
+        data = dict(np.load(cache))
     else:
         n = array_shape(cfg.reference, "arr_0", so)[0]
         acts = activations(net, iter_array(cfg.reference, "arr_0", cfg.batch_size, so), cfg.device, n, "reference")
@@ -135,15 +136,12 @@ def reference(cfg: EvaluateConfig, net: InceptionV3, so: Mapping | None) -> Refe
         for key, feats in (("", acts.pool), ("_s", acts.spatial)):
             stats = FeatureStats.from_activations(feats)
             data[f"mu{key}"], data[f"sigma{key}"] = stats.mu, stats.sigma
-        if set(REFERENCE_STATS) <= members:
-            with fs.open(path, "rb") as f:
-                given = np.load(f)
-                data.update({k: given[k] for k in REFERENCE_STATS})
         buf = io.BytesIO()
         np.savez(buf, **data)
         atomic_write(*filesystem(str(cache)), buf.getvalue())
+    data.update(given)  # statistics that come with the file win over computed ones
     return Reference(data["pool"], FeatureStats(data["mu"], data["sigma"]), FeatureStats(data["mu_s"], data["sigma_s"]),
-                     set(REFERENCE_STATS) <= members)
+                     bool(given))
 
 
 def generation_metrics(samples: Activations, ref: Reference, fid_method: str = "eigh") -> dict:
@@ -169,12 +167,13 @@ def run(cfg: EvaluateConfig) -> dict:
         if not exists(*filesystem(url, so)):
             raise UsageError(f"{what} file {url} does not exist")
     net = load_inception(cfg.inception, cfg.device, so)
-    ref = reference(cfg, net, so)
+    net_id = network_id(net)
+    ref = reference(cfg, net, net_id, so)
     n = array_shape(cfg.samples, "arr_0", so)[0]
     samples = activations(net, iter_array(cfg.samples, "arr_0", cfg.batch_size, so), cfg.device, n, "samples")
     report = {**generation_metrics(samples, ref, cfg.fid_method), "fid_method": cfg.fid_method, "samples": n, "reference_images": len(ref.pool),
               "reference_statistics": "from the file" if ref.precomputed else "computed",
-              "inception": network_id(net)}
+              "inception": net_id}
     if cfg.out:
         Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
         Path(cfg.out).write_text(json.dumps(report, indent=2) + "\n")

@@ -21,6 +21,8 @@ from tqdm import tqdm
 from jobs.distributed import map_on_actors
 from pipelines.contract.sample_batch import finished_chunks, parts_url, read_chunk, write_chunk, write_sample_batch
 from pipelines.contract.storage import filesystem
+from vfmtok_core.generate import compiled_decode, generate
+from vfmtok_core.preprocess import to_uint8
 
 log = logging.getLogger("jobs.sample")
 
@@ -34,13 +36,10 @@ def sample_labels(num: int, classes: int, mode: str, seed: int) -> np.ndarray:
     return rng.permutation(np.arange(num, dtype=np.int64) % classes)
 
 
-def sample_chunk(cfg, gpt, tok, labels: np.ndarray, index: int) -> np.ndarray:
-    """uint8 (n, S, S, 3) images of chunk ``index`` (its labels given), from its own seeded generator."""
-    from vfmtok_core.generate import compiled_decode, generate
-    from vfmtok_core.preprocess import to_uint8
-
+def sample_chunk(cfg, gpt, tok, labels: np.ndarray, index: int, decode_fn=None) -> np.ndarray:
+    """uint8 (n, S, S, 3) images of chunk ``index`` (its labels given), from its own seeded generator;
+    ``decode_fn``: the GPT's decode step compiled once per process (``--compile``)."""
     gen = torch.Generator(device=cfg.device).manual_seed(cfg.seed * 1_000_003 + index)
-    decode_fn = compiled_decode(gpt) if cfg.compile else None
     codes = generate(gpt, torch.from_numpy(labels), cfg.cfg_scale, cfg.temperature, cfg.top_k, cfg.top_p, cfg.greedy,
                      gen, decode_fn=decode_fn)
     return to_uint8(tok.decode(codes, size=cfg.image_size))
@@ -60,9 +59,10 @@ class _Sampler:
             cfg.device = "cpu"
         self.cfg = cfg
         self.gpt, self.tok = build_models(cfg)
+        self.decode_fn = compiled_decode(self.gpt) if cfg.compile else None
 
     def chunk(self, labels: np.ndarray, index: int) -> np.ndarray:
-        return sample_chunk(self.cfg, self.gpt, self.tok, labels, index)
+        return sample_chunk(self.cfg, self.gpt, self.tok, labels, index, self.decode_fn)
 
 
 def sample_npz(cfg, build_models, num_classes: int) -> str:
@@ -89,8 +89,9 @@ def sample_npz(cfg, build_models, num_classes: int) -> str:
         map_on_actors(_Sampler, (cfg,), cfg.workers, ((c, (labels[lo:hi], c)) for c, lo, hi in todo), keep)
     elif todo:
         gpt, tok = build_models(cfg)
+        decode_fn = compiled_decode(gpt) if cfg.compile else None
         for c, lo, hi in todo[rank::world]:  # torchrun ranks take turns; one process takes all
-            write_chunk(parts, c, sample_chunk(cfg, gpt, tok, labels[lo:hi], c))
+            write_chunk(parts, c, sample_chunk(cfg, gpt, tok, labels[lo:hi], c, decode_fn))
             bar.update(world)
     bar.close()
     if world > 1:
