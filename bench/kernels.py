@@ -4,6 +4,10 @@
   4 points; forward, and forward + backward. Target on a GPU: Triton >= 2x the grid_sample reference.
 - Codebook lookup: 64 x 256 vectors against 16384 x 12 codes. Target on a GPU: >= 3x cdist/argmin.
 
+- On the CPU, the reference lookup's chunk size: 64 MiB chunks (the previous default, still the
+  accelerators') against 4 MiB ones (the CPU default), for the lookup above and for a ``tiny``
+  tokenizer's whole encode of 64 images, with a check that the codes are equal.
+
 Without a GPU the Triton side cannot be timed (the CPU only runs it in Triton's interpreter, a
 correctness tool); the reference timings are printed and the ratios marked as not measured.
 
@@ -84,8 +88,37 @@ def run(cfg: BenchConfig) -> dict:
             log.info("%s: reference %.1f ms; Triton not timed (no GPU)", name, entry["torch_ms"])
         else:
             log.info("%s: reference %.2f ms, Triton %.2f ms -> %.1fx", name, entry["torch_ms"], entry["triton_ms"], entry["speedup"])
+    if device == "cpu":
+        result["cpu_chunk_size"] = _cpu_chunks(z, codebook, cfg.repeats)
     print(json.dumps(result, indent=1))
     return result
+
+
+def _cpu_chunks(z: torch.Tensor, codebook: torch.Tensor, repeats: int) -> dict:
+    """The CPU reference lookup and a ``tiny`` encode with 64 MiB against 4 MiB distance chunks."""
+    import kernels.codebook_ref as ref
+    from vfmtok_core import VFMTokenizer
+
+    tok = VFMTokenizer.from_config("tiny", seed=0)
+    images = torch.rand(64, 3, 112, 112, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    small = ref._CHUNK_ELEMENTS
+    out, codes = {}, {}
+    for name, elements in (("chunk_64MiB", 1 << 24), ("chunk_4MiB", small)):
+        ref._CHUNK_ELEMENTS = elements
+        try:
+            out[f"lookup_{name}_ms"] = 1000 * _median_time(lambda: codebook_lookup(z, codebook, backend="torch"), repeats)
+            out[f"tiny_encode_{name}_ms"] = 1000 * _median_time(lambda: tok.encode(images), repeats)
+            codes[name] = (codebook_lookup(z, codebook, backend="torch"), tok.encode(images))
+        finally:
+            ref._CHUNK_ELEMENTS = small
+    out["lookup_speedup"] = out["lookup_chunk_64MiB_ms"] / out["lookup_chunk_4MiB_ms"]
+    out["tiny_encode_speedup"] = out["tiny_encode_chunk_64MiB_ms"] / out["tiny_encode_chunk_4MiB_ms"]
+    out["codes_equal"] = all(torch.equal(a, b) for a, b in zip(codes["chunk_64MiB"], codes["chunk_4MiB"]))
+    log.info("CPU reference lookup, 64 MiB vs 4 MiB chunks: %.1f vs %.1f ms (%.2fx); tiny encode of 64 images: "
+             "%.0f vs %.0f ms (%.2fx); codes equal: %s", out["lookup_chunk_64MiB_ms"], out["lookup_chunk_4MiB_ms"],
+             out["lookup_speedup"], out["tiny_encode_chunk_64MiB_ms"], out["tiny_encode_chunk_4MiB_ms"],
+             out["tiny_encode_speedup"], out["codes_equal"])
+    return out
 
 
 def main(argv=None) -> None:

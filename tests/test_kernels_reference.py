@@ -306,6 +306,22 @@ def test_codebook_lookup_chunking_is_invisible(monkeypatch, rows_per_chunk):
     assert torch.equal(chunked, expected)
 
 
+def test_codebook_lookup_cpu_chunks_give_the_codes_of_one_matrix(monkeypatch):
+    # Tokens made on the CPU must not depend on the chunk size: 4 images x 256 queries against
+    # 16384 codes (the official shape), each query halfway between two codes, so that its argmin
+    # is decided by the last bit of the distances (chunks of 1, 3 or 7 rows flip about 1% of these),
+    # with the CPU's default chunks (64 rows) and with the whole matrix in one chunk.
+    g = torch.Generator().manual_seed(11)
+    codebook = torch.randn(16384, 12, generator=g)
+    unit = torch.nn.functional.normalize(codebook, dim=-1)
+    pairs = torch.randint(0, len(codebook), (2, 4 * 256), generator=g)
+    z = (unit[pairs[0]] + unit[pairs[1]]).view(4, 256, 12)
+    assert kernels.codebook_ref._CHUNK_ELEMENTS // len(codebook) == 64
+    chunked = kernels.codebook_lookup(z, codebook, backend="torch")
+    monkeypatch.setattr(kernels.codebook_ref, "_CHUNK_ELEMENTS", 1 << 30)
+    assert torch.equal(chunked, kernels.codebook_lookup(z, codebook, backend="torch"))
+
+
 def test_codebook_lookup_chunk_smaller_than_codebook(monkeypatch):
     # _CHUNK_ELEMENTS below K must still make progress (one row per chunk), not loop forever or skip.
     codebook = random_codebook(300, 12, seed=6)
