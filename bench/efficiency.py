@@ -52,7 +52,7 @@ class BenchConfig:
 
     images: int = field(default=4000, metadata={"help": "JPEGs in the input folder"})
     warmup_images: int = field(default=64, metadata={"help": "JPEGs of the warm-up run (starts Ray's workers)"})
-    rows_per_shard: int = field(default=256, metadata={"help": "images per work item"})
+    rows_per_shard: int = field(default=TokenizeOptions.rows_per_shard, metadata={"help": "images per work item (the job's default)"})
     batch_size: int = field(default=64, metadata={"help": "images per tokenizer forward (job and loop)"})
     rounds: int = field(default=3, metadata={"help": "measurements of each figure (the median is reported)"})
 
@@ -105,22 +105,31 @@ def run(cfg: BenchConfig) -> dict:
                 ))
 
             job("warmup", "warmup-out", max(1, cfg.warmup_images // (4 * cores)))  # a few items on every core
-            zero = ray.remote(ZeroTokenizer).options(num_cpus=0)
-            actors = [zero.remote(256) for _ in range(cores)]
-            ray.get([a.encode.remote({}, variants) for a in actors])  # started, like the job's tokenizers
-            committers = start_committers()
-            ray.get([c.requests.remote() for c in committers])
             items = plan(str(tmp / "in"), "folder", cfg.rows_per_shard)
+
+            def feed(r: int) -> float:
+                # Stand-ins and committer are started (like the job's) before the clock starts and
+                # stopped after, so that they idle through no other measurement.
+                zero = ray.remote(ZeroTokenizer).options(num_cpus=0)
+                actors = [zero.remote(256) for _ in range(cores)]
+                committers = start_committers()
+                ray.get([a.encode.remote({}, variants) for a in actors] + [c.requests.remote() for c in committers])
+                try:
+                    return run_items(
+                        items, actors=actors, committers=committers, image_size=336, output=str(tmp / f"feed-{r}"),
+                        fmt="parquet", variants=variants, max_pixels=DEFAULT_MAX_PIXELS, storage_options=None,
+                        max_decoding=2 * cores, max_bytes_in_flight=4 << 30, forward_images=cfg.batch_size // len(variants),
+                    ).seconds
+                finally:
+                    for actor in [*actors, *committers]:
+                        ray.kill(actor)
+
             # Rounds interleave the four measurements, so a drift in the machine's load hits all alike.
             for r in range(cfg.rounds):
                 times["loop"].append(one_core_encode_loop(paths, cfg.batch_size))
                 times["bare"].append(bare_decode_loop(paths, 336, variants))
                 times["job"].append(job("in", f"job-{r}", cfg.rows_per_shard)["this_run"]["seconds"])
-                times["feed"].append(run_items(
-                    items, actors=actors, committers=committers, image_size=336, output=str(tmp / f"feed-{r}"), fmt="parquet",
-                    variants=variants, max_pixels=DEFAULT_MAX_PIXELS, storage_options=None, max_decoding=2 * cores,
-                    max_bytes_in_flight=4 << 30, forward_images=cfg.batch_size // len(variants),
-                ).seconds)
+                times["feed"].append(feed(r))
     t_loop, t_bare, t_job, t_feed = (statistics.median(times[k]) for k in ("loop", "bare", "job", "feed"))
     n = cfg.images
     out = {
