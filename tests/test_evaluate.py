@@ -79,6 +79,13 @@ def test_sample_then_evaluate(tmp_path, inception, photos, caplog):
     with caplog.at_level("INFO", logger="jobs.evaluate"):
         assert evaluate(cfg) == report
     assert "from the cache" in caplog.text
+    # A reference rewritten in place (same name and size, other images) is computed again.
+    caplog.clear()
+    np.savez(tmp_path / "ref.npz", arr_0=255 - real)
+    with caplog.at_level("INFO", logger="jobs.evaluate"):
+        assert evaluate(cfg)["fid"] == pytest.approx(_fid(fake, _pool(inception, 255 - real)), rel=1e-3)
+    assert "from the cache" not in caplog.text
+    np.savez(tmp_path / "ref.npz", arr_0=real)
     # A batch scored against itself: FID ~ 0, every point inside the other's manifold.
     same = evaluate(EvaluateConfig(str(tmp_path / "ref.npz"), str(tmp_path / "ref.npz"), inception=inception,
                                    cache_dir=str(tmp_path / "cache")))
