@@ -15,9 +15,13 @@ worker processes are started and have imported their modules (a warm-up run on a
 that) and tokenizers are built before the clock starts; they include reading, decoding, cropping,
 the object store, writing shards and commits.
 
-Each figure is the median of ``--rounds`` interleaved measurements.
+Each figure is the median of ``--rounds`` interleaved measurements, after ``--warmup-rounds`` of
+all four that are not counted. A warm-up round does what the first minutes of a long run do: Ray's
+worker processes map the object store's pages as they first write them (a page fault each: in a
+one-off profile the decode processes spent 1.0 of 10.8 CPU-seconds in the kernel in a first feed
+round over 4000 images, 0.1-0.2 in each later one), and caches fill.
 
-Run: ``python -m bench.efficiency`` (about 3 minutes on 2 cores).
+Run: ``python -m bench.efficiency`` (about 4 minutes on 2 cores).
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ class BenchConfig:
     rows_per_shard: int = field(default=TokenizeOptions.rows_per_shard, metadata={"help": "images per work item (the job's default)"})
     batch_size: int = field(default=64, metadata={"help": "images per tokenizer forward (job and loop)"})
     rounds: int = field(default=3, metadata={"help": "measurements of each figure (the median is reported)"})
+    warmup_rounds: int = field(default=1, metadata={"help": "rounds run first and not counted (see the module docstring)"})
 
 
 class ZeroTokenizer:
@@ -125,11 +130,16 @@ def run(cfg: BenchConfig) -> dict:
                         ray.kill(actor)
 
             # Rounds interleave the four measurements, so a drift in the machine's load hits all alike.
-            for r in range(cfg.rounds):
-                times["loop"].append(one_core_encode_loop(paths, cfg.batch_size))
-                times["bare"].append(bare_decode_loop(paths, 336, variants))
-                times["job"].append(job("in", f"job-{r}", cfg.rows_per_shard)["this_run"]["seconds"])
-                times["feed"].append(feed(r))
+            for r in range(cfg.warmup_rounds + cfg.rounds):
+                measured = {
+                    "loop": one_core_encode_loop(paths, cfg.batch_size),
+                    "bare": bare_decode_loop(paths, 336, variants),
+                    "job": job("in", f"job-{r}", cfg.rows_per_shard)["this_run"]["seconds"],
+                    "feed": feed(r),
+                }
+                if r >= cfg.warmup_rounds:
+                    for k, t in measured.items():
+                        times[k].append(t)
     t_loop, t_bare, t_job, t_feed = (statistics.median(times[k]) for k in ("loop", "bare", "job", "feed"))
     n = cfg.images
     out = {
