@@ -88,15 +88,15 @@ def activations(net: InceptionV3, batches: Iterable[np.ndarray], device: str, to
 
 
 def file_identity(url: str, storage_options: Mapping | None) -> str:
-    """A hash of the file's location, size and version (its ETag on an object store, its
-    modification time on a disk): what the cache is keyed by. Hashing the content instead meant
-    reading the whole reference (1.4 GB for ADM's ImageNet batch, a download on S3) on every run;
-    a file rewritten in place gets a new version, so its statistics are computed again. A store
-    that reports no version gets the content hashed."""
+    """A hash of the file's location, size and version: what the cache is keyed by. The version is
+    its ETag (or VersionId) on an object store, its git blob id on Hugging Face, its modification
+    time on a disk: a file rewritten in place gets a new one, so its statistics are computed again.
+    A store that reports no version gets the content hashed. Hashing the content every time meant
+    reading the whole reference (1.4 GB for ADM's ImageNet batch, a download on S3) on every run."""
     fs, path = filesystem(url, storage_options)
     info = fs.info(path)
-    version = {k: str(info[k]) for k in ("ETag", "etag", "VersionId", "mtime", "LastModified") if info.get(k) is not None}
-    h = hashlib.sha256(json.dumps({"url": redact_url(url), "size": info["size"], **version}, sort_keys=True).encode())
+    version = {k: str(info[k]) for k in ("ETag", "etag", "VersionId", "blob_id", "mtime", "LastModified") if info.get(k) is not None}
+    h = hashlib.sha256(json.dumps({"url": redact_url(url), "size": info.get("size"), **version}, sort_keys=True).encode())
     if not version:
         with fs.open(path, "rb") as f:
             for block in iter(lambda: f.read(1 << 24), b""):

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from skimage.metrics import peak_signal_noise_ratio
 
-from jobs.evaluate import EvaluateConfig
+from jobs.evaluate import EvaluateConfig, file_identity
 from jobs.evaluate import run as evaluate
 from jobs.evaluate_tokenizer import EvaluateTokenizerConfig
 from jobs.evaluate_tokenizer import run as evaluate_tokenizer
@@ -92,6 +92,29 @@ def test_sample_then_evaluate(tmp_path, inception, photos, caplog):
     # (Not exactly 0: 12 samples in 2048 dimensions leave ~2000 zero eigenvalues, whose float
     # noise the square root magnifies; 50k samples do not.)
     assert abs(same["fid"]) < 1e-5 * report["fid"] and same["precision"] == same["recall"] == 1.0
+
+
+def test_cache_key_follows_the_version_on_s3(s3_bucket, tmp_path, monkeypatch):
+    # On a store the key comes from the object's metadata, never its bytes (the object is not
+    # opened): the same object gives the same key, an object rewritten in place (same name, same
+    # size) another.
+    import fsspec
+    import s3fs
+
+    def no_reads(*args, **kwargs):
+        raise AssertionError("the reference was opened to compute its cache key")
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "open", no_reads)
+    bucket, so = s3_bucket
+    fs = fsspec.filesystem("s3", skip_instance_cache=True, **so)
+    url = f"s3://{bucket}/ref.npz"
+    fs.pipe_file(f"{bucket}/ref.npz", b"a" * 100)
+    first = file_identity(url, so)
+    assert file_identity(url, so) == first
+    fs.pipe_file(f"{bucket}/ref.npz", b"b" * 100)
+    assert file_identity(url, so) != first
+    (tmp_path / "ref.npz").write_bytes(b"a" * 100)  # a local file: its path and mtime, not S3's key
+    assert file_identity(str(tmp_path / "ref.npz"), None) != first
 
 
 def test_reference_statistics_in_the_file_are_used(tmp_path, inception, photos):
