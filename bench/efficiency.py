@@ -17,9 +17,8 @@ the object store, writing shards and commits.
 
 Each figure is the median of ``--rounds`` interleaved measurements, after ``--warmup-rounds`` of
 all four that are not counted. A warm-up round does what the first minutes of a long run do: Ray's
-worker processes map the object store's pages as they first write them (a page fault each: in a
-one-off profile the decode processes spent 1.0 of 10.8 CPU-seconds in the kernel in a first feed
-round over 4000 images, 0.1-0.2 in each later one), and caches fill.
+worker processes map the object store's pages as they first write them (a page fault each, which
+later rounds barely pay), and caches fill.
 
 Run: ``python -m bench.efficiency`` (about 4 minutes on 2 cores).
 """

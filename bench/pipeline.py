@@ -4,10 +4,10 @@
     LlamaGen's code extraction (one image at a time, batch 1, one ``.npy`` file per image).
 (b) official-size config (random weights): this job versus the bare ``VFMTokenizer.encode`` on
     tensors decoded beforehand, same threads.
+(c) bytes per image of the Parquet shards (256 tokens, one variant).
 
 The job's figures exclude starting Ray, its worker processes (a warm-up run on 64 images starts
 them) and the tokenizers (all one-off), and include reading, decoding, cropping and writing.
-(c) bytes per image of the Parquet shards (256 tokens, one variant).
 
 Run: ``python -m bench.pipeline`` (about 3 minutes on 2 cores).
 """

@@ -7,8 +7,8 @@ within float32 rounding may still differ across devices and BLAS libraries.
 The distance matrix is built in row chunks so that a 64-image batch against 16384 codes does
 not allocate a 1 GiB N x K matrix. On the CPU the chunks are small (4 MiB): a 64 MiB temporary is
 above glibc's largest mmap threshold, so each chunk was a fresh mapping whose pages the kernel
-faulted in and zeroed, a third of the ``tiny`` tokenizer's encode time (``python -m bench.kernels``
-prints the ratio). With 16384 codes a 4 MiB chunk is 64 rows; MKL gives blocks of 12 rows or more
+faulted in and zeroed, most of the lookup's time (``python -m bench.kernels`` prints the speed-up
+of the lookup and of a ``tiny`` encode). With 16384 codes a 4 MiB chunk is 64 rows; MKL gives blocks of 12 rows or more
 the same bits as one large matrix (checked on this machine for every size up to 300), so the codes
 do not depend on the chunk size.
 """
