@@ -222,7 +222,7 @@ def test_read_ahead_requests_are_bounded_per_process(token_set, proxy, tmp_path,
     from pipelines.consumer.streaming import TokenDataset
 
     url, opts, keys = token_set
-    monkeypatch.setattr(retry, "_SLOTS", threading.BoundedSemaphore(4))
+    monkeypatch.setattr(retry, "SLOTS", threading.BoundedSemaphore(4))
     proxy.set_rates(FaultRates(slow=1.0, slow_seconds=0.2, methods=("GET",), path_regex="/shards/"))
     ds = TokenDataset(url, storage_options=_via(opts, proxy.endpoint), rank=0, world_size=1, window_shards=60,
                       cache_dir=str(tmp_path / "c"))

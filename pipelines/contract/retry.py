@@ -13,6 +13,7 @@ them would only repeat the error.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -20,7 +21,7 @@ import random
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -158,7 +159,7 @@ def summarize(counts: Counter) -> dict:
     }
 
 
-_SLOTS = threading.BoundedSemaphore(int(os.environ.get("VFMTOK_IO_MAX_IN_FLIGHT", "16")))
+SLOTS = threading.BoundedSemaphore(int(os.environ.get("VFMTOK_IO_MAX_IN_FLIGHT", "16")))
 _rng = random.Random()
 
 
@@ -176,16 +177,43 @@ def retrying(fn: Callable[..., T], *args, what: str, remote: bool = True, policy
             if not remote:
                 return fn(*args, **kwargs)
             STATS.add(requests=1)
-            with _SLOTS:
+            with SLOTS:
                 return fn(*args, **kwargs)
         except Exception as e:  # noqa: BLE001 - classified below; anything permanent is re-raised as is
-            kind = transient_kind(e)
-            if kind is None:
-                raise
             attempt += 1
-            if attempt >= policy.attempts:
-                raise StorageUnavailable(f"{what}: still failing after {attempt} attempts ({kind}): {e}") from e
-            STATS.add(retries=1, **{f"retries__{kind}": 1})
-            pause = policy.delay(attempt - 1, _rng)
-            log.debug("%s: %s (%s); retry %d in %.2fs", what, kind, e, attempt, pause)
+            pause = _pause_before_retry(e, attempt, policy, what)
+            if pause is None:
+                raise
             time.sleep(pause)
+
+
+async def retrying_async(fn: Callable[..., Awaitable[T]], *args, what: str, policy: RetryPolicy | None = None,
+                         **kwargs) -> T:
+    """:func:`retrying` for a coroutine function of a remote request, on an event loop. It takes no
+    request slot: the caller holds one for the whole call (a thread's semaphore cannot be awaited)."""
+    policy = policy or RetryPolicy.from_env()
+    attempt = 0
+    while True:
+        try:
+            STATS.add(requests=1)
+            return await fn(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - classified below; anything permanent is re-raised as is
+            attempt += 1
+            pause = _pause_before_retry(e, attempt, policy, what)
+            if pause is None:
+                raise
+            await asyncio.sleep(pause)
+
+
+def _pause_before_retry(e: Exception, attempt: int, policy: RetryPolicy, what: str) -> float | None:
+    """Seconds to wait before retrying after failed attempt number ``attempt``; None when ``e`` would
+    only repeat. Raises :class:`StorageUnavailable` once the attempts are spent. Counts the retry."""
+    kind = transient_kind(e)
+    if kind is None:
+        return None
+    if attempt >= policy.attempts:
+        raise StorageUnavailable(f"{what}: still failing after {attempt} attempts ({kind}): {e}") from e
+    STATS.add(retries=1, **{f"retries__{kind}": 1})
+    pause = policy.delay(attempt - 1, _rng)
+    log.debug("%s: %s (%s); retry %d in %.2fs", what, kind, e, attempt, pause)
+    return pause

@@ -17,20 +17,26 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import io
+import itertools
 import json
 import os
 import weakref
 import uuid
-from collections.abc import Mapping
+from collections import deque
+from collections.abc import Iterable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from pipelines.contract import presigned
+from pipelines.contract.presigned import is_invalid_range
 from pipelines.contract.redact import remember
-from pipelines.contract.retry import TransientError, retrying
+from pipelines.contract.retry import SLOTS, TransientError, retrying, retrying_async
 
 TMP_PREFIX = ".tmp-"
 MAX_JSON_BYTES = 1 << 30  # a plan of tens of millions of items still fits; anything larger is refused
@@ -172,10 +178,52 @@ def _ranged_get(fs: fsspec.AbstractFileSystem, path: str, n: int) -> bytes:
     try:
         return fs.cat_file(path, start=0, end=n)
     except OSError as e:
-        response = getattr(e.__cause__, "response", None) or {}
-        if response.get("Error", {}).get("Code") == "InvalidRange":
+        if is_invalid_range(e):
             return b""
         raise
+
+
+def read_many(fs: fsspec.AbstractFileSystem, paths: Iterable[str], limit: int, in_flight: int) -> Iterator[Future]:
+    """Whole objects, as :func:`read_bytes` reads them, with up to ``in_flight`` requests open: one
+    future per path, in order, each resolving to the bytes or raising what ``read_bytes`` would.
+
+    Requests run ahead of the caller by at most ``in_flight`` objects, so memory stays bounded
+    however slowly the caller consumes. On S3 they are presigned GETs on fsspec's event loop where
+    :mod:`pipelines.contract.presigned` allows (each holding one of the process's request slots),
+    elsewhere ``read_bytes`` calls on threads."""
+    reader = presigned.reader_for(fs) if _is_s3(fs) else None
+    pool = None if reader is not None else ThreadPoolExecutor(max_workers=in_flight)
+
+    def start(path: str) -> Future:
+        if pool is not None:
+            return pool.submit(read_bytes, fs, path, limit)
+        SLOTS.acquire()
+        future = asyncio.run_coroutine_threadsafe(_presigned_read(reader, path, limit), fs.loop)
+        future.add_done_callback(lambda _: SLOTS.release())
+        return future
+
+    ahead: deque[Future] = deque()
+    todo = iter(paths)
+    try:
+        for path in itertools.islice(todo, in_flight):
+            ahead.append(start(path))
+        while ahead:
+            done = ahead.popleft()
+            yield done
+            for path in itertools.islice(todo, 1):
+                ahead.append(start(path))
+    finally:
+        for future in ahead:
+            future.cancel()
+        if pool is not None:
+            pool.shutdown(wait=True)
+
+
+async def _presigned_read(reader: presigned.PresignedGet, path: str, limit: int) -> bytes:
+    data = await retrying_async(reader.fetch, path, limit + 1, what=f"read {path}")
+    if len(data) > limit:
+        raise TooLarge(f"{path} is larger than the {limit}-byte limit for it")
+    return data
 
 
 def write_json(fs: fsspec.AbstractFileSystem, path: str, obj) -> None:

@@ -32,13 +32,13 @@ import stat
 import tarfile
 import unicodedata
 from collections.abc import Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import pyarrow.parquet as pq
 
 from pipelines.contract.retry import is_storage_fault
-from pipelines.contract.storage import TooLarge, call, filesystem, is_local, join, open_input, read_bytes
+from pipelines.contract.storage import TooLarge, call, filesystem, is_local, join, open_input, read_bytes, read_many
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif", "ppm", "pgm", "jfif")
 FORMATS = ("folder", "webdataset", "parquet", "lmdb")
@@ -245,19 +245,19 @@ class _Containment:
 
 def _read_folder(item: WorkItem, storage_options) -> Iterator[RawSample]:
     """The item's files in plan order. On an object store they are fetched many at a time (one GET
-    each, up to the process's request slots), so per-request latency is paid once per wave, not once
-    per image; a local disk is read in order."""
+    each, up to ``FOLDER_READS_IN_FLIGHT`` ahead of the decoder), so per-request latency is paid
+    once per wave, not once per image; a local disk is read in order."""
     fs, root = filesystem(item.url, storage_options)
     inside = _Containment(root) if is_local(fs) else None
     planned = item.sizes or (None,) * len(item.files)
 
-    def load(rel: str, label: int, size: int | None) -> RawSample:
+    def load(rel: str, label: int, size: int | None, fetched: Future | None = None) -> RawSample:
         key = rel.rsplit(".", 1)[0]
         path = join(root, rel)
         if inside is not None and not inside(path):
             return RawSample(key, rel, error=("outside_root", f"{rel} resolves to a path outside the input folder"))
         try:
-            data = read_bytes(fs, path, MAX_INPUT_BYTES)
+            data = read_bytes(fs, path, MAX_INPUT_BYTES) if fetched is None else fetched.result()
         except TooLarge as e:
             return RawSample(key, rel, error=("too_large", str(e)))
         except OSError as e:
@@ -271,8 +271,8 @@ def _read_folder(item: WorkItem, storage_options) -> Iterator[RawSample]:
     if is_local(fs):
         yield from map(load, item.files, item.labels, planned)
         return
-    with ThreadPoolExecutor(max_workers=FOLDER_READS_IN_FLIGHT) as pool:
-        yield from pool.map(load, item.files, item.labels, planned)
+    fetched = read_many(fs, (join(root, rel) for rel in item.files), MAX_INPUT_BYTES, FOLDER_READS_IN_FLIGHT)
+    yield from map(load, item.files, item.labels, planned, fetched)
 
 
 def _read_tar(item: WorkItem, storage_options) -> Iterator[RawSample]:
