@@ -35,6 +35,7 @@ bench: $(VENV)/.ready-bench  ## benchmarks (print side-by-side ratios)
 	$(PY) -m bench.loader
 	$(PY) -m bench.kernels
 	$(PY) -m bench.s3_faults
+	$(PY) -m bench.s3_get
 	$(PY) -m bench.efficiency
 	$(PY) -m bench.ray_data
 	$(PY) -m bench.bf16_agreement
