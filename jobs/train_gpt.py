@@ -71,6 +71,7 @@ class TrainConfig:
     async_checkpoint: bool = field(default=True, metadata={"help": "write sharded checkpoints in the background while training goes on"})
     init: str | None = field(default=None, metadata={"help": "start from these GPT weights (a released GPT-*.pt or an export) instead of a random init"})
     follow: bool = field(default=False, metadata={"help": "train on a dataset its tokenization job is still writing: each epoch takes the shards committed when it begins"})
+    follow_patience: float = field(default=3600.0, metadata={"help": "with --follow: seconds without a new commit (and too few samples to start an epoch) after which the trainer stops, since the job writing the dataset has most likely died"})
     order: str = field(default="auto", metadata={"help": "sample order: a global permutation, shard windows, or auto (global when the set fits --cache-bytes)", "choices": ["auto", "global", "window"]})
     cache_dir: str | None = field(default=None, metadata={"help": "root of the node's shard cache (default: $VFMTOK_CACHE_DIR or the temp folder)"})
     cache_bytes: int = field(default=16 << 30, metadata={"help": "most bytes of decoded shards the node's cache holds"})
@@ -192,7 +193,7 @@ def train(cfg: TrainConfig) -> dict:
     ds = TokenDataset(
         cfg.data, seed=cfg.seed, rank=rank, world_size=world, storage_options=so, batch_size=per_rank,
         expected_fingerprint=ckpt["fingerprint"] if ckpt else None, skip_bad_shards=cfg.skip_bad_shards,
-        follow=cfg.follow, min_samples=cfg.global_batch, order=cfg.order, cache_dir=cfg.cache_dir,
+        follow=cfg.follow, follow_patience_seconds=cfg.follow_patience, min_samples=cfg.global_batch, order=cfg.order, cache_dir=cfg.cache_dir,
         cache_bytes=cfg.cache_bytes,
     )
     if len(ds) < cfg.global_batch:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from pipelines.contract.manifest import COMMITS
 from pipelines.consumer.streaming import DatasetIncomplete, DatasetMismatch, ShardError, TokenDataset, TokenLoader
 from tests.pipeline_data import make_token_dataset as make_dataset
 
@@ -205,6 +206,61 @@ def test_incomplete_dataset_is_refused_unless_followed(dataset):
     ds = TokenDataset(str(url), rank=0, world_size=1, follow=True)
     # The epoch is the shards committed when it began: here all seven have commit records.
     assert sorted(s["key"] for s in ds) == sorted(keys)
+
+
+def _follow_in_thread(url, **kw) -> dict:
+    """TokenDataset(follow=True) in a thread that the test waits on for at most a minute (a
+    follower that never gives up must fail the test, not hang it)."""
+    import threading
+
+    outcome: dict = {}
+
+    def follow():
+        try:
+            outcome["ds"] = TokenDataset(str(url), rank=0, world_size=1, follow=True, poll_seconds=0.05, **kw)
+        except DatasetIncomplete as e:
+            outcome["error"] = str(e)
+
+    thread = threading.Thread(target=follow, daemon=True)
+    thread.start()
+    thread.join(timeout=60)
+    assert not thread.is_alive(), "the follower is still waiting"
+    return outcome
+
+
+def test_follow_gives_up_on_a_job_that_stopped_committing(dataset):
+    url, _ = dataset
+    manifest = json.loads((url / "manifest.json").read_text())
+    (url / "manifest.json").write_text(json.dumps({**manifest, "complete": False}))
+    outcome = _follow_in_thread(url, min_samples=10**6, follow_patience_seconds=0.5)
+    assert "no work item was committed" in outcome["error"] and "--follow-patience" in outcome["error"]
+
+
+def test_follow_waits_on_as_long_as_commits_keep_coming(dataset):
+    """Patience counts from the last new commit, not from the start: records arriving every 0.2 s
+    for longer than the patience (0.5 s) in all keep the follower waiting until it has enough."""
+    import shutil
+    import threading
+    import time
+
+    url, keys = dataset
+    manifest = json.loads((url / "manifest.json").read_text())
+    (url / "manifest.json").write_text(json.dumps({**manifest, "complete": False}))
+    held, commits = url.parent / "held", url / COMMITS
+    shutil.move(commits, held)
+    records = sorted(held.iterdir())
+    commits.mkdir()
+
+    def commit_slowly():
+        for record in records:
+            time.sleep(0.2)
+            shutil.copy(record, commits / record.name)
+
+    writer = threading.Thread(target=commit_slowly, daemon=True)
+    writer.start()
+    outcome = _follow_in_thread(url, min_samples=len(keys), follow_patience_seconds=0.5)
+    writer.join()
+    assert "error" not in outcome and sorted(s["key"] for s in outcome["ds"]) == sorted(keys)
 
 
 # ---------------------------------------------------------------------------- the node cache

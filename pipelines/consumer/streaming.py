@@ -98,6 +98,7 @@ class TokenDataset(IterableDataset):
         follow: bool = False,
         min_samples: int = 1,
         poll_seconds: float = 10.0,
+        follow_patience_seconds: float = 3600.0,
         order: str = "auto",
         window_shards: int | None = None,
         cache_dir: str | None = None,
@@ -138,6 +139,7 @@ class TokenDataset(IterableDataset):
         self.batch_size = batch_size
         self.skip_bad_shards = skip_bad_shards
         self.follow, self.min_samples, self.poll_seconds = follow, max(1, min_samples), poll_seconds
+        self.follow_patience = follow_patience_seconds
         self.order_setting, self.window_setting = order, window_shards
         self.cache_bytes = cache_bytes
         key = hashlib.sha256(f"{url}\0{self.fingerprint}".encode()).hexdigest()[:16]
@@ -160,17 +162,29 @@ class TokenDataset(IterableDataset):
         return shards[0]
 
     def _list_committed(self) -> list[dict]:
+        """Waits while the job commits; a job that commits nothing new for ``follow_patience``
+        seconds has most likely stopped (killed, or its cluster gone), and waiting on would hang the
+        trainer without a word: that is a :class:`DatasetIncomplete`."""
         fs, root = filesystem(self.url, self.storage_options)
+        seen, since = -1, time.monotonic()
         while True:
             m = read_json(fs, join(root, MANIFEST))
             if m.get("complete"):
                 return _readable(m["shards"])
             commits = load_commits(fs, root)
             shards = _readable(commits[k] for k in sorted(commits))
-            if sum(s["rows"] for s in shards) >= self.min_samples:
+            samples = sum(s["rows"] for s in shards)
+            if samples >= self.min_samples:
                 return shards
-            log.info("--follow: %d samples committed in %s, waiting for %d", sum(s["rows"] for s in shards),
-                     redact_url(self.url), self.min_samples)
+            if len(commits) != seen:
+                seen, since = len(commits), time.monotonic()
+            elif time.monotonic() - since > self.follow_patience:
+                raise DatasetIncomplete(
+                    f"--follow: no work item was committed to {redact_url(self.url)} for {self.follow_patience:g} s, and "
+                    f"its {samples} samples are fewer than the {self.min_samples} needed: is its tokenization job still "
+                    "running? Rerun it to finish (it resumes), or wait longer with --follow-patience."
+                )
+            log.info("--follow: %d samples committed in %s, waiting for %d", samples, redact_url(self.url), self.min_samples)
             time.sleep(self.poll_seconds)
 
     def _shards_by_name(self, names: list[str]) -> list[dict]:
