@@ -403,3 +403,48 @@ def test_a_shard_evicted_between_its_fill_and_its_mapping_is_fetched_again(datas
     monkeypatch.setattr(node_cache.np, "load", racing)
     ds = TokenDataset(str(url), rank=0, world_size=1, cache_dir=str(tmp_path / "c"))
     assert sorted(s["key"] for s in ds) == sorted(keys) and len(evicted) == 1
+
+
+def test_opening_a_dataset_sweeps_the_folders_killed_runs_left_on_this_node(dataset, tmp_path):
+    """A run killed (SIGKILL, OOM) leaves its node folder; the next dataset opened on the node
+    removes it, but never a folder another process still reads, nor another node's."""
+    import fcntl
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.pipeline_data import make_token_dataset
+
+    url, keys = dataset
+    other = tmp_path / "other"
+    make_token_dataset(other, shards=2, rows=4)
+    root = tmp_path / "c"
+    script = ("import sys, time; from pipelines.consumer.streaming import TokenDataset; "
+              "ds = TokenDataset(sys.argv[1], rank=0, world_size=1, cache_dir=sys.argv[2], node='n0'); "
+              "[s for s in ds]; print('ready', flush=True); time.sleep(600)")
+    killed = subprocess.Popen([sys.executable, "-c", script, str(other), str(root)], stdout=subprocess.PIPE,
+                              cwd=Path(__file__).resolve().parents[1])
+    assert killed.stdout.readline().strip() == b"ready"
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    [stale] = list(root.iterdir())
+    assert any(p.suffix == ".npy" for p in (stale / "node-n0").iterdir())  # the shards it fetched are left
+
+    in_use = root / "vfmtok-0123456789abcdef" / "node-n0"
+    elsewhere = root / "vfmtok-fedcba9876543210" / "node-n1"
+    for folder in (in_use, elsewhere):
+        folder.mkdir(parents=True)
+        (folder / "x.npy").write_bytes(b"x")
+    reader = os.open(in_use / "users.lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(reader, fcntl.LOCK_SH)  # a process of another run, reading its folder
+    try:
+        ds = TokenDataset(str(url), rank=0, world_size=1, cache_dir=str(root), node="n0")
+        assert not stale.exists()
+        assert (in_use / "x.npy").exists() and (elsewhere / "x.npy").exists()
+        assert sorted(s["key"] for s in ds) == sorted(keys)
+        ds.close()
+    finally:
+        os.close(reader)
+    assert sorted(p.name for p in root.iterdir()) == [in_use.parent.name, elsewhere.parent.name]

@@ -18,7 +18,9 @@ anything else), ``<shard>.lock`` files, and ``users.lock``.
 - **Cleaned up at exit.** Each process using the folder holds a shared lock on ``users.lock`` (a
   rank from when it opens the dataset, a DataLoader worker while it lives); a rank's
   :meth:`NodeCache.close` (called at interpreter exit as well) releases it and deletes the folder
-  when no other process holds one. A folder left by a killed run is reused by its rerun.
+  when no other process holds one. A folder left by a killed run is reused by its rerun; the
+  node's folders of other datasets that no process uses (runs that were killed and not rerun) are
+  removed when a dataset is opened, so that crashed runs cannot fill the disk over weeks.
 
 The node is named by ``VFMTOK_NODE``, else torchrun's ``GROUP_RANK``, else Ray Train's
 ``NODE_RANK``, else the host name (see :func:`node_name`).
@@ -81,6 +83,37 @@ def _flock(path: str, mode: int):
         os.close(fd)
 
 
+def _sweep(root: str, node_folder: str, keep: str) -> None:
+    """Remove this node's cache folders under ``root`` (other than ``keep``) that no process uses.
+
+    Unused means an exclusive lock on its ``users.lock`` is granted at once: every process that
+    reads a folder holds a shared one. Removal follows :meth:`NodeCache.close`'s protocol (under that
+    lock, so a process attaching meanwhile sees its lock file vanish and starts over). Other nodes'
+    folders are never touched: a root shared between nodes may not share their locks."""
+    removed, freed = 0, 0
+    for dataset in os.listdir(root) if os.path.isdir(root) else ():
+        folder = os.path.join(root, dataset, node_folder)
+        if not dataset.startswith("vfmtok-") or folder == keep or not os.path.isdir(folder):
+            continue
+        try:
+            fd = os.open(os.path.join(folder, "users.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue  # in use
+        freed += sum(e.stat().st_size for e in os.scandir(folder) if e.is_file())
+        shutil.rmtree(folder, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            os.rmdir(os.path.dirname(folder))
+        os.close(fd)
+        removed += 1
+    if removed:
+        log.info("node cache: removed %d folders (%.1f MB) of runs that ended without cleaning up", removed, freed / 1e6)
+
+
 class NodeCache:
     """The node's shared folder for one dataset (see the module docstring).
 
@@ -123,6 +156,7 @@ class NodeCache:
         self._users = fd
         if self._owner == self._pid:
             atexit.register(self.close)
+            _sweep(os.path.dirname(os.path.dirname(self.dir)), os.path.basename(self.dir), keep=self.dir)
 
     def close(self) -> None:
         """Leave the folder; the last process of the node to leave removes it. A DataLoader worker
