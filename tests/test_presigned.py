@@ -62,6 +62,15 @@ def test_presigned_reads_equal_s3fs_reads_in_order(s3_bucket):
     assert reader.presigning  # a missing key is the input's fault, not the presigned GET's
 
 
+def test_credentials_given_to_the_client_sign_presigned_reads(s3_bucket):
+    bucket, opts = s3_bucket
+    objects = _objects(bucket, opts)
+    client = {**opts["client_kwargs"], "aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
+    fs, _ = filesystem(f"s3://{bucket}", {"client_kwargs": client})
+    assert presigned.reader_for(fs) is not None
+    assert _results(read_many(fs, list(objects), limit=1 << 20, in_flight=4)) == list(objects.values())
+
+
 def test_a_presigned_read_past_the_limit_is_too_large(s3_bucket):
     bucket, opts = s3_bucket
     objects = _objects(bucket, opts)

@@ -37,7 +37,9 @@ log = logging.getLogger(__name__)
 
 SWITCH = "VFMTOK_S3_PRESIGNED_GET"
 EXPIRES_S = 900  # a URL is used the moment it is made; this only bounds a leaked one's life
-_CLIENT_OPTIONS = {"endpoint_url", "region_name", "verify"}
+# Credentials given to the client sign the URL as they would sign the request.
+_CLIENT_OPTIONS = {"endpoint_url", "region_name", "verify", "aws_access_key_id", "aws_secret_access_key",
+                   "aws_session_token"}
 _CONFIG_OPTIONS = {"retries", "max_pool_connections", "connect_timeout", "read_timeout", "s3", "signature_version",
                    "region_name", "user_agent_extra"}
 # Proxies botocore takes from the environment (aiohttp would too, but with .netrc credentials on top).
