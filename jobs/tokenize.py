@@ -52,6 +52,7 @@ class TokenizeConfig:
     label_column: str | None = field(default=None, metadata={"help": "Parquet input: the label column (default: found by name)"})
     key_column: str | None = field(default=None, metadata={"help": "Parquet input: the key column (default: found by name)"})
     max_bytes_in_flight: int = field(default=4 << 30, metadata={"help": "input bytes of the work items in flight at once"})
+    max_store_bytes: int = field(default=0, metadata={"help": "crop bytes waiting for tokenizers in Ray's object store (0: half the cluster's object store)"})
     chunk_bytes: int = field(default=CHUNK_BYTES, metadata={"help": "decoded crop bytes per tokenizer call (a work item is sent in chunks of this size)"})
     dry_run: bool = field(default=False, metadata={"help": "plan, print what a run would do (and skip), and exit; starts nothing"})
     extend: bool = field(default=False, metadata={"help": "list the input again and add what appeared since the stored plan as new work items (vanished or changed inputs are reported)"})
@@ -68,7 +69,8 @@ def to_options(cfg: TokenizeConfig, cluster_gpus: float, input_format: str, stor
         batch_size=cfg.batch_size, workers=workers, gpus_per_worker=gpus, threads=cfg.threads,
         rows_per_shard=cfg.rows_per_shard, max_pixels=cfg.max_pixels, storage_options=storage,
         overwrite=cfg.overwrite, columns=Columns(cfg.image_column, cfg.label_column, cfg.key_column),
-        max_bytes_in_flight=cfg.max_bytes_in_flight, chunk_bytes=cfg.chunk_bytes, extend=cfg.extend,
+        max_bytes_in_flight=cfg.max_bytes_in_flight, max_store_bytes=cfg.max_store_bytes, chunk_bytes=cfg.chunk_bytes,
+        extend=cfg.extend,
     )
 
 

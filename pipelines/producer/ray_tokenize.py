@@ -46,6 +46,7 @@ class Prepared:
 
 
 CHUNK_BYTES = 64 << 20  # source-crop bytes per encode call: ~190 images at 336 px, a fraction of a second of GPU
+CHUNKS_AHEAD = 2  # chunks a decode task may have ready that the driver has not taken (then it pauses)
 
 
 def prepare(item: WorkItem, variants: tuple[str, ...], size: int, max_pixels: int, storage_options,
@@ -206,6 +207,15 @@ class RunStats:
     seconds: float = 0.0
     records: dict = field(default_factory=dict)  # commit records written by this run, by shard
     io: Counter = field(default_factory=Counter)  # storage requests and retries
+    peak_store_bytes: int = 0  # most crop bytes sent to tokenizers and not seen encoded (each chunk at its bound)
+
+
+def chunk_bound(image_size: int, variants: tuple[str, ...], chunk_bytes: int, forward_images: int) -> int:
+    """The most crop bytes one chunk of :func:`prepare` can hold."""
+    from PIL import Image
+
+    probe = source_crops(Image.new("RGB", (2 * image_size, 2 * image_size)), image_size, variants)
+    return max(chunk_bytes, max(1, forward_images) * sum(c.nbytes for c in probe.values()))
 
 
 def start_workers(spec: TokenizerSpec, workers: int, gpus_per_worker: float, threads: int, batch_size: int) -> list:
@@ -255,6 +265,7 @@ def run_items(
     storage_options: Mapping | None,
     max_decoding: int,
     max_bytes_in_flight: int,
+    max_store_bytes: int | None = None,
     chunk_bytes: int = CHUNK_BYTES,
     forward_images: int = 1,
 ) -> RunStats:
@@ -264,21 +275,35 @@ def run_items(
     Admission is by stage: an item enters while fewer than ``max_decoding`` items are being read,
     decoded and cropped (sized by the cluster's CPUs, so every CPU stays busy however many
     tokenizers there are) and the input bytes of all items in flight, decoded ones waiting for a
-    tokenizer included, stay within ``max_bytes_in_flight`` (so the object store cannot fill up);
-    one item is always admitted. Dispatch: each chunk (``chunk_bytes`` of crops in whole forwards of
-    ``forward_images``, see :func:`prepare`) goes, as soon as it is decoded, to the tokenizer with
-    the fewest chunks outstanding (counted until their item commits: the driver wakes per chunk
-    decoded and per item committed, not per chunk encoded), so a slow or restarting actor does not
-    hold a queue of work the others could do, and the tokenizers finish together. The driver waits
-    on references without fetching them (a chunk never travels to the driver's node).
+    tokenizer included, stay within ``max_bytes_in_flight``; one item is always admitted. Dispatch:
+    each chunk (``chunk_bytes`` of crops in whole forwards of ``forward_images``, see
+    :func:`prepare`) goes, as soon as it is decoded, to the tokenizer with the fewest chunks
+    outstanding (counted until their item commits: the driver wakes per chunk decoded and per item
+    committed, not per chunk encoded), so a slow or restarting actor does not hold a queue of work
+    the others could do, and the tokenizers finish together. The driver waits on references without
+    fetching them (a chunk never travels to the driver's node).
+
+    The object store is bounded by bytes, not items: the crops sent to tokenizers and not yet
+    encoded stay within ``max_store_bytes`` (default: half the cluster's object store), each chunk
+    counted at its largest possible size. When the tokenizers fall that far behind (small images
+    make many crop bytes per input byte; a slow model), the driver stops taking decoded chunks and
+    watches encodes instead, and each decode task pauses once it holds ``CHUNKS_AHEAD`` chunks
+    nobody took: the store then holds at most ``max_store_bytes`` plus that many chunks per item
+    being decoded (and, for up to a second, the encoded chunks Ray has yet to delete: it frees
+    objects in batches). Without it, a dataset of thumbnails could fill the store with crops many times
+    its input bytes, and Ray would spill them to disk.
     """
     import ray
     from tqdm import tqdm
 
+    if max_store_bytes is None:
+        max_store_bytes = int(ray.cluster_resources().get("object_store_memory", 8 << 30)) // 2
+    bound = chunk_bound(image_size, variants, chunk_bytes, forward_images)
     so = dict(storage_options or {})
     # Only an outage that outlasted the per-request retries reruns a task; other errors repeat.
     retry = dict(max_retries=3, retry_exceptions=[StorageUnavailable])
-    prepare_task = ray.remote(prepare).options(num_cpus=1, **retry)  # a streaming generator of chunks
+    prepare_task = ray.remote(prepare).options(  # a streaming generator of (crops, metadata) pairs
+        num_cpus=1, _generator_backpressure_num_objects=2 * CHUNKS_AHEAD, **retry)
     commit_calls = [c.commit.options(retry_exceptions=[StorageUnavailable]) for c in committers]
 
     stats = RunStats()
@@ -289,19 +314,27 @@ def run_items(
     decoding: dict = {}  # chunk generator of an item still being read and decoded -> its _Flight
     inflight: dict = {}  # commit ref -> its _Flight
     outstanding = [0] * len(actors)  # chunks sent to each tokenizer whose items are not committed
+    unseen: dict = {}  # encode ref -> None: chunks sent to a tokenizer and not seen encoded
     bytes_in_flight = 0
     start = time.perf_counter()
     bar = tqdm(total=len(items), desc="tokenize", unit="shard", dynamic_ncols=True)
     try:
         while head is not None or inflight or decoding:
+            full = bool(unseen) and (len(unseen) + 1) * bound > max_store_bytes
             while head is not None and (not (inflight or decoding) or (
-                len(decoding) < max_decoding and bytes_in_flight + head.bytes <= max_bytes_in_flight
+                not full and len(decoding) < max_decoding and bytes_in_flight + head.bytes <= max_bytes_in_flight
             )):
                 item, head = head, next(queue, None)
                 gen = prepare_task.remote(item, variants, image_size, max_pixels, so, chunk_bytes, forward_images)
                 decoding[gen] = _Flight(item)
                 bytes_in_flight += item.bytes
-            done, _ = ray.wait([*decoding, *inflight], num_returns=1, fetch_local=False)
+            # A full store: decoded chunks wait (their tasks pause) while encodes are watched.
+            done, _ = ray.wait([*(unseen if full else decoding), *inflight], num_returns=1, fetch_local=False)
+            if done[0] in unseen:  # and any others done by now, in one look (the dict may be long)
+                ready, _ = ray.wait(list(unseen), num_returns=len(unseen), timeout=0, fetch_local=False)
+                for ref in ready:
+                    del unseen[ref]
+                continue
             if done[0] in decoding:  # a chunk (or the end) of an item being decoded
                 gen, flight = done[0], decoding[done[0]]
                 try:
@@ -317,6 +350,8 @@ def run_items(
                     flight.tokens.append(actors[target].encode.remote(ref, variants))
                     flight.targets.append(target)
                     outstanding[target] += 1
+                    unseen[flight.tokens[-1]] = None
+                    stats.peak_store_bytes = max(stats.peak_store_bytes, len(unseen) * bound)
                 else:
                     flight.metas.append(ref)
                 continue
@@ -325,6 +360,8 @@ def run_items(
             bytes_in_flight -= item.bytes
             for target in flight.targets:
                 outstanding[target] -= 1
+            for ref in flight.tokens:  # committed, so encoded
+                unseen.pop(ref, None)
             try:
                 record, io = ray.get(done[0])
             except Exception as e:  # noqa: BLE001 - sorted below: deterministic errors stop the job

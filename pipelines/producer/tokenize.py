@@ -60,6 +60,7 @@ class TokenizeOptions:
     overwrite: bool = False
     columns: Columns = field(default_factory=Columns)
     max_bytes_in_flight: int = 4 << 30  # input bytes of the work items in flight (see run_items)
+    max_store_bytes: int = 0  # crop bytes awaiting tokenizers in the object store (0: half of it; see run_items)
     chunk_bytes: int = CHUNK_BYTES  # source-crop bytes per encode call (see prepare)
     extend: bool = False  # plan the inputs that appeared since the stored plan was made
 
@@ -206,7 +207,8 @@ def run_tokenize(opts: TokenizeOptions) -> dict:
                     variants=variants, max_pixels=opts.max_pixels, storage_options=opts.storage_options,
                     # One decoding per CPU and one more queued behind each, so none waits for the driver.
                     max_decoding=2 * cpus,
-                    max_bytes_in_flight=opts.max_bytes_in_flight, chunk_bytes=opts.chunk_bytes,
+                    max_bytes_in_flight=opts.max_bytes_in_flight, max_store_bytes=opts.max_store_bytes or None,
+                    chunk_bytes=opts.chunk_bytes,
                     forward_images=max(1, opts.batch_size // len(variants)),  # as the tokenizer batches
                 )
             for counts in ray.get([c.requests.remote() for c in committers]):
@@ -240,6 +242,7 @@ def run_tokenize(opts: TokenizeOptions) -> dict:
             "failed_items": stats.failed,
             "rejects_by_reason": dict(Counter(stats.rejects)),
             "storage": summarize(stats.io),
+            "peak_store_bytes": stats.peak_store_bytes,
         },
     }
     if planned.growth is not None:
