@@ -448,3 +448,33 @@ def test_opening_a_dataset_sweeps_the_folders_killed_runs_left_on_this_node(data
     finally:
         os.close(reader)
     assert sorted(p.name for p in root.iterdir()) == [in_use.parent.name, elsewhere.parent.name]
+
+
+def test_sweeps_racing_each_other_never_fail_and_leave_nothing(tmp_path):
+    """Ranks of a node open their datasets at once, so sweeps run side by side (as close() does on
+    a folder a sweep is looking at): a folder removed under a sweep is skipped, never an error."""
+    import threading
+
+    from pipelines.consumer.node_cache import _sweep
+
+    root = tmp_path / "c"
+    for d in range(30):
+        folder = root / f"vfmtok-{d:016x}" / "node-n0"
+        folder.mkdir(parents=True)
+        (folder / "users.lock").touch()
+        for f in range(40):
+            (folder / f"shard-{f:06d}.npy").write_bytes(b"x" * 100)
+    errors = []
+
+    def sweep():
+        try:
+            _sweep(str(root), "node-n0", keep="")
+        except Exception as e:  # noqa: BLE001 - the test is that there are none
+            errors.append(e)
+
+    threads = [threading.Thread(target=sweep) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and list(root.iterdir()) == []

@@ -88,30 +88,43 @@ def _sweep(root: str, node_folder: str, keep: str) -> None:
 
     Unused means an exclusive lock on its ``users.lock`` is granted at once: every process that
     reads a folder holds a shared one. Removal follows :meth:`NodeCache.close`'s protocol (under that
-    lock, so a process attaching meanwhile sees its lock file vanish and starts over). Other nodes'
-    folders are never touched: a root shared between nodes may not share their locks."""
+    lock, so a process attaching meanwhile sees its lock file vanish and starts over). A folder
+    without a lock file is being made or removed by someone else and is left alone. Other nodes'
+    folders are never touched: a root shared between nodes may not share their locks. Best effort:
+    a folder that cannot be removed is skipped, never an error for the caller."""
     removed, freed = 0, 0
     for dataset in os.listdir(root) if os.path.isdir(root) else ():
         folder = os.path.join(root, dataset, node_folder)
-        if not dataset.startswith("vfmtok-") or folder == keep or not os.path.isdir(folder):
+        if not dataset.startswith("vfmtok-") or folder == keep:
             continue
+        lock = os.path.join(folder, "users.lock")
         try:
-            fd = os.open(os.path.join(folder, "users.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+            fd = os.open(lock, os.O_RDWR)
         except OSError:
             continue
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            if os.stat(lock).st_ino != os.fstat(fd).st_ino:
+                continue  # removed and made again meanwhile: that one is someone's
+            freed += _folder_bytes(folder)
+            shutil.rmtree(folder, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                os.rmdir(os.path.dirname(folder))
+            removed += 1
+        except OSError:  # in use (BlockingIOError), or removed by another process meanwhile
+            continue
+        finally:
             os.close(fd)
-            continue  # in use
-        freed += sum(e.stat().st_size for e in os.scandir(folder) if e.is_file())
-        shutil.rmtree(folder, ignore_errors=True)
-        with contextlib.suppress(OSError):
-            os.rmdir(os.path.dirname(folder))
-        os.close(fd)
-        removed += 1
     if removed:
         log.info("node cache: removed %d folders (%.1f MB) of runs that ended without cleaning up", removed, freed / 1e6)
+
+
+def _folder_bytes(folder: str) -> int:
+    total = 0
+    for entry in os.scandir(folder):
+        with contextlib.suppress(OSError):  # a file may go as it is counted
+            total += entry.stat().st_size if entry.is_file() else 0
+    return total
 
 
 class NodeCache:
