@@ -5,6 +5,7 @@ credential in any error. Real parts: moto's server on 127.0.0.1 and the fault pr
 from __future__ import annotations
 
 import itertools
+import os
 
 import pytest
 import s3fs
@@ -199,4 +200,4 @@ def test_read_ahead_is_bounded_and_an_abandoned_read_frees_its_slots(s3_bucket, 
     assert proxy.counts["requests"] == 7
     assert proxy.counts["max_in_flight"] >= 3  # many at a time (the proxy may see 7 overlap for an instant)
     free = retry.SLOTS._value  # noqa: SLF001 - the semaphore's count is the point
-    assert free == int(__import__("os").environ.get("VFMTOK_IO_MAX_IN_FLIGHT", "16"))
+    assert free == int(os.environ.get("VFMTOK_IO_MAX_IN_FLIGHT", "16"))

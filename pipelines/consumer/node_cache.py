@@ -35,6 +35,7 @@ import fcntl
 import hashlib
 import logging
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -83,6 +84,9 @@ def _flock(path: str, mode: int):
         os.close(fd)
 
 
+_DATASET_FOLDER = re.compile(r"vfmtok-[0-9a-f]{16}")  # what NodeCache names a dataset's folder (see TokenDataset)
+
+
 def _sweep(root: str, node_folder: str, keep: str) -> None:
     """Remove this node's cache folders under ``root`` (other than ``keep``) that no process uses.
 
@@ -95,7 +99,7 @@ def _sweep(root: str, node_folder: str, keep: str) -> None:
     removed, freed = 0, 0
     for dataset in os.listdir(root) if os.path.isdir(root) else ():
         folder = os.path.join(root, dataset, node_folder)
-        if not dataset.startswith("vfmtok-") or folder == keep:
+        if not _DATASET_FOLDER.fullmatch(dataset) or folder == keep:
             continue
         lock = os.path.join(folder, "users.lock")
         try:

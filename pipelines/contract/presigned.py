@@ -2,19 +2,20 @@
 
 Why: a folder dataset costs one GET per image. At the job's target (1,200 images/s per GPU, 8 GPUs
 a node) that is about 10,000 GETs/s per node, and a GET through s3fs and botocore's request
-pipeline (parameter checks, event hooks, response parsing) costs about 1.5 ms of CPU: some 15
-cores of a node spent on bookkeeping. Here botocore only presigns the request (0.1 ms; the
-credentials, their refresh, the bucket's region and the addressing style all stay botocore's) and
-aiohttp sends it on fsspec's event loop: about 0.7 ms per GET, measured side by side by
-``python -m bench.s3_get``.
+pipeline (parameter checks, event hooks, response parsing) costs about 2 ms of client CPU: some 20
+cores of a node spent on bookkeeping. Here botocore only presigns the request (the credentials,
+their refresh, the bucket's region and the addressing style all stay botocore's) and aiohttp sends
+it on fsspec's event loop: about 0.9 ms per GET (``python -m bench.s3_get`` measures both side by
+side).
 
 It is used only where it sends the same request as s3fs would: a filesystem with no per-request
 extras (requester pays, SSE-C keys, version ids), no proxy and no client certificate, and
-``VFMTOK_S3_PRESIGNED_GET`` not ``0``. Certificates are checked as botocore checks them (``verify``,
-else ``AWS_CA_BUNDLE`` or the profile's ``ca_bundle``, else botocore's bundle). Anything else goes through s3fs. An answer it does not
-handle (a redirect, a refused signature, a TLS failure, any other 4xx) sends that object through
-s3fs, so errors read exactly as they always did; when s3fs then succeeds where the presigned GET
-did not, this process stops presigning for that filesystem.
+``VFMTOK_S3_PRESIGNED_GET`` not ``0``. Certificates are checked as botocore checks them
+(``verify``, else ``AWS_CA_BUNDLE`` or the profile's ``ca_bundle``, else botocore's bundle).
+Anything else goes through s3fs. An answer it does not handle (a redirect, a refused signature, a
+TLS failure, any other 4xx) sends that object through s3fs, so errors read exactly as they always
+did; when s3fs then succeeds where the presigned GET did not, this process stops presigning for
+that filesystem.
 
 A presigned URL holds the access key id (and a session token, if any) in its query, so no URL is
 ever put into an exception or a log line here.

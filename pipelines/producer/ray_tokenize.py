@@ -265,7 +265,7 @@ def run_items(
     storage_options: Mapping | None,
     max_decoding: int,
     max_bytes_in_flight: int,
-    max_store_bytes: int | None = None,
+    max_store_bytes: int = 0,
     chunk_bytes: int = CHUNK_BYTES,
     forward_images: int = 1,
 ) -> RunStats:
@@ -290,13 +290,13 @@ def run_items(
     watches encodes instead, and each decode task pauses once it holds ``CHUNKS_AHEAD`` chunks
     nobody took: the store then holds at most ``max_store_bytes`` plus that many chunks per item
     being decoded (and, for up to a second, the encoded chunks Ray has yet to delete: it frees
-    objects in batches). Without it, a dataset of thumbnails could fill the store with crops many times
-    its input bytes, and Ray would spill them to disk.
+    objects in batches). Without it, a dataset of thumbnails could fill the store with crops many
+    times its input bytes, and Ray would spill them to disk.
     """
     import ray
     from tqdm import tqdm
 
-    if max_store_bytes is None:
+    if not max_store_bytes:
         max_store_bytes = int(ray.cluster_resources().get("object_store_memory", 8 << 30)) // 2
     bound = chunk_bound(image_size, variants, chunk_bytes, forward_images)
     so = dict(storage_options or {})

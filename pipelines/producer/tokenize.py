@@ -207,7 +207,7 @@ def run_tokenize(opts: TokenizeOptions) -> dict:
                     variants=variants, max_pixels=opts.max_pixels, storage_options=opts.storage_options,
                     # One decoding per CPU and one more queued behind each, so none waits for the driver.
                     max_decoding=2 * cpus,
-                    max_bytes_in_flight=opts.max_bytes_in_flight, max_store_bytes=opts.max_store_bytes or None,
+                    max_bytes_in_flight=opts.max_bytes_in_flight, max_store_bytes=opts.max_store_bytes,
                     chunk_bytes=opts.chunk_bytes,
                     forward_images=max(1, opts.batch_size // len(variants)),  # as the tokenizer batches
                 )
