@@ -37,6 +37,7 @@ bench: $(VENV)/.ready-bench  ## benchmarks (print side-by-side ratios)
 	$(PY) -m bench.s3_faults
 	$(PY) -m bench.s3_get
 	$(PY) -m bench.efficiency
+	$(PY) -m bench.cpu_actors
 	$(PY) -m bench.ray_data
 	$(PY) -m bench.bf16_agreement
 	$(PY) -m bench.dry_run

@@ -341,3 +341,29 @@ def test_a_tar_sent_in_chunks_gives_the_same_shard_and_rejects(tmp_path):
     assert _manifest(tmp_path / "whole")["shards"] == _manifest(tmp_path / "chunked")["shards"]
     rejects = pq.read_table(tmp_path / "chunked" / "rejects" / "shard-000000.parquet").column("key").to_pylist()
     assert rejects == ["part/k00", "part/k04", "part/k08"]
+
+
+def test_tokenizer_actors_wait_passively_unless_the_driver_says_otherwise(ray_cluster, monkeypatch):
+    """CPU tokenizer threads share cores with the decode tasks; spinning OpenMP threads would take
+    CPU from them. The wait policy reaches the actor's process before torch loads."""
+    from pipelines.producer.ray_tokenize import start_workers
+    from pipelines.producer.worker import TokenizerSpec
+
+    def actor_environment() -> dict:
+        (actor,) = start_workers(TokenizerSpec("tiny"), 1, 0, 1, 8)
+        pid = ray_cluster.get(actor.info.remote())["pid"]
+        env = dict(e.split("=", 1) for e in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in e)
+        ray_cluster.kill(actor)
+        deadline = time.time() + 30  # the name is free once Ray has seen the actor die
+        while time.time() < deadline:
+            try:
+                ray_cluster.get_actor("vfmtok-tokenizer-0")
+            except ValueError:
+                break
+            time.sleep(0.05)
+        return env
+
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    assert actor_environment()["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    assert actor_environment()["OMP_WAIT_POLICY"] == "ACTIVE"
