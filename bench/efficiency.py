@@ -20,6 +20,11 @@ all four that are not counted. A warm-up round does what the first minutes of a 
 worker processes map the object store's pages as they first write them (a page fault each, which
 later rounds barely pay), and caches fill.
 
+For (b) it also prints where the cores went during the run (CPU seconds by kind of process, from
+``/proc``, medians over rounds): the decode tasks against the bare loop's seconds for the same
+images, the stand-ins, the committer, the driver, Ray's own processes, the rest of the machine, and
+the cores' idle time. What is not decode work is the executor's cost on this machine.
+
 Run: ``python -m bench.efficiency`` (about 4 minutes on 2 cores).
 """
 
@@ -27,6 +32,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import statistics
 import tempfile
 import time
@@ -91,8 +97,44 @@ def bare_decode_loop(paths: list[Path], size: int, variants: tuple[str, ...]) ->
     return time.perf_counter() - start
 
 
+def _cpu_by_process() -> dict[int, tuple[str, float]]:
+    """pid -> (command line, user + system CPU seconds) of every process (Linux ``/proc``)."""
+    tick, out = os.sysconf("SC_CLK_TCK"), {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:  # gone meanwhile
+            continue
+        out[int(pid)] = (cmd, (int(fields[11]) + int(fields[12])) / tick)
+    return out
+
+
+def _group(pid: int, cmd: str) -> str:
+    if pid == os.getpid():
+        return "driver"
+    for name, group in (("ray::ZeroTokenizer", "stand_in_tokenizers"), ("ray::Committer", "committer"),
+                        ("ray::DashboardAgent", "ray_processes"), ("ray::RuntimeEnvAgent", "ray_processes"),
+                        ("ray::", "decode_tasks")):
+        if cmd.startswith(name):
+            return group
+    return "ray_processes" if "/ray/" in cmd else "rest_of_machine"
+
+
+def cpu_by_group(before: dict, after: dict) -> dict[str, float]:
+    """CPU seconds spent between two :func:`_cpu_by_process` snapshots, by kind of process."""
+    spent: dict[str, float] = {}
+    for pid, (cmd, t) in after.items():
+        group = _group(pid, cmd)
+        spent[group] = spent.get(group, 0.0) + t - before.get(pid, (cmd, 0.0))[1]
+    return spent
+
+
 def run(cfg: BenchConfig) -> dict:
     times: dict[str, list[float]] = {"loop": [], "bare": [], "job": [], "feed": []}
+    feed_cpu: list[dict[str, float]] = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         paths = write_jpegs(tmp / "in", cfg.images)
@@ -119,11 +161,17 @@ def run(cfg: BenchConfig) -> dict:
                 committers = start_committers()
                 ray.get([a.encode.remote({}, variants) for a in actors] + [c.requests.remote() for c in committers])
                 try:
-                    return run_items(
+                    before = _cpu_by_process()
+                    seconds = run_items(
                         items, actors=actors, committers=committers, image_size=336, output=str(tmp / f"feed-{r}"),
                         fmt="parquet", variants=variants, max_pixels=DEFAULT_MAX_PIXELS, storage_options=None,
                         max_decoding=2 * cores, max_bytes_in_flight=4 << 30, forward_images=cfg.batch_size // len(variants),
                     ).seconds
+                    spent = cpu_by_group(before, _cpu_by_process())
+                    spent["idle"] = cores * seconds - sum(spent.values())
+                    if r >= cfg.warmup_rounds:
+                        feed_cpu.append(spent)
+                    return seconds
                 finally:
                     for actor in [*actors, *committers]:
                         ray.kill(actor)
@@ -155,6 +203,10 @@ def run(cfg: BenchConfig) -> dict:
             "bare_decode_crop_images_per_s": round(n / t_bare, 1),
             "job_zero_cost_encoder_images_per_s": round(n / t_feed, 1),
             "efficiency": round(t_bare / (cores * t_feed), 3),
+            "cpu_seconds": {"bare_loop_same_images": round(t_bare, 2), **{
+                k: round(statistics.median(c.get(k, 0.0) for c in feed_cpu), 2)
+                for k in ("decode_tasks", "stand_in_tokenizers", "committer", "driver", "ray_processes",
+                          "rest_of_machine", "idle")}},
         },
     }
     log.info("(a) parallel efficiency %.3f: job %.1f img/s on %d cores vs one-core loop %.1f img/s (target >= 0.9)",
