@@ -59,7 +59,7 @@ log = logging.getLogger("bench.efficiency")
 class BenchConfig:
     """Parallel and feed efficiency of the tokenization job on this machine."""
 
-    images: int = field(default=4000, metadata={"help": "JPEGs in the input folder"})
+    images: int = field(default=0, metadata={"help": "JPEGs in the input folder (0: two work items per core)"})
     warmup_images: int = field(default=64, metadata={"help": "JPEGs of the warm-up run (starts Ray's workers)"})
     rows_per_shard: int = field(default=TokenizeOptions.rows_per_shard, metadata={"help": "images per work item (the job's default)"})
     batch_size: int = field(default=64, metadata={"help": "images per tokenizer forward (job and loop)"})
@@ -135,60 +135,62 @@ def cpu_by_group(before: dict, after: dict) -> dict[str, float]:
 def run(cfg: BenchConfig) -> dict:
     times: dict[str, list[float]] = {"loop": [], "bare": [], "job": [], "feed": []}
     feed_cpu: list[dict[str, float]] = []
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, ray_session() as ray:
         tmp = Path(tmp)
-        paths = write_jpegs(tmp / "in", cfg.images)
+        cores = int(ray.cluster_resources()["CPU"])
+        # By default whole work items, the same number for every core: the figures are the steady
+        # state of a long run, not how a short one ends (4000 images made a last item of 928,
+        # leaving a core idle for a tenth of an item at the end, which a run of millions never sees).
+        n = cfg.images or 2 * cores * cfg.rows_per_shard
+        paths = write_jpegs(tmp / "in", n)
         write_jpegs(tmp / "warmup", cfg.warmup_images, seed=1)
         torch.set_num_threads(1)
         variants = expand_variants(("center", "flip"))
-        with ray_session() as ray:
-            cores = int(ray.cluster_resources()["CPU"])
 
-            def job(name: str, out: str, rows_per_shard: int) -> dict:
-                return run_tokenize(TokenizeOptions(
-                    input=str(tmp / name), output=str(tmp / out), spec=TokenizerSpec("tiny"),
-                    batch_size=cfg.batch_size, workers=cores, threads=1, rows_per_shard=rows_per_shard,
-                ))
+        def job(name: str, out: str, rows_per_shard: int) -> dict:
+            return run_tokenize(TokenizeOptions(
+                input=str(tmp / name), output=str(tmp / out), spec=TokenizerSpec("tiny"),
+                batch_size=cfg.batch_size, workers=cores, threads=1, rows_per_shard=rows_per_shard,
+            ))
 
-            job("warmup", "warmup-out", max(1, cfg.warmup_images // (4 * cores)))  # a few items on every core
-            items = plan(str(tmp / "in"), "folder", cfg.rows_per_shard)
+        job("warmup", "warmup-out", max(1, cfg.warmup_images // (4 * cores)))  # a few items on every core
+        items = plan(str(tmp / "in"), "folder", cfg.rows_per_shard)
 
-            def feed(r: int) -> float:
-                # Stand-ins and committer are started (like the job's) before the clock starts and
-                # stopped after, so that they idle through no other measurement.
-                zero = ray.remote(ZeroTokenizer).options(num_cpus=0)
-                actors = [zero.remote(256) for _ in range(cores)]
-                committers = start_committers()
-                ray.get([a.encode.remote({}, variants) for a in actors] + [c.requests.remote() for c in committers])
-                try:
-                    before = _cpu_by_process()
-                    seconds = run_items(
-                        items, actors=actors, committers=committers, image_size=336, output=str(tmp / f"feed-{r}"),
-                        fmt="parquet", variants=variants, max_pixels=DEFAULT_MAX_PIXELS, storage_options=None,
-                        max_decoding=2 * cores, max_bytes_in_flight=4 << 30, forward_images=cfg.batch_size // len(variants),
-                    ).seconds
-                    spent = cpu_by_group(before, _cpu_by_process())
-                    spent["idle"] = cores * seconds - sum(spent.values())
-                    if r >= cfg.warmup_rounds:
-                        feed_cpu.append(spent)
-                    return seconds
-                finally:
-                    for actor in [*actors, *committers]:
-                        ray.kill(actor)
-
-            # Rounds interleave the four measurements, so a drift in the machine's load hits all alike.
-            for r in range(cfg.warmup_rounds + cfg.rounds):
-                measured = {
-                    "loop": one_core_encode_loop(paths, cfg.batch_size),
-                    "bare": bare_decode_loop(paths, 336, variants),
-                    "job": job("in", f"job-{r}", cfg.rows_per_shard)["this_run"]["seconds"],
-                    "feed": feed(r),
-                }
+        def feed(r: int) -> float:
+            # Stand-ins and committer are started (like the job's) before the clock starts and
+            # stopped after, so that they idle through no other measurement.
+            zero = ray.remote(ZeroTokenizer).options(num_cpus=0)
+            actors = [zero.remote(256) for _ in range(cores)]
+            committers = start_committers()
+            ray.get([a.encode.remote({}, variants) for a in actors] + [c.requests.remote() for c in committers])
+            try:
+                before = _cpu_by_process()
+                seconds = run_items(
+                    items, actors=actors, committers=committers, image_size=336, output=str(tmp / f"feed-{r}"),
+                    fmt="parquet", variants=variants, max_pixels=DEFAULT_MAX_PIXELS, storage_options=None,
+                    max_decoding=2 * cores, max_bytes_in_flight=4 << 30, forward_images=cfg.batch_size // len(variants),
+                ).seconds
+                spent = cpu_by_group(before, _cpu_by_process())
+                spent["idle"] = cores * seconds - sum(spent.values())
                 if r >= cfg.warmup_rounds:
-                    for k, t in measured.items():
-                        times[k].append(t)
+                    feed_cpu.append(spent)
+                return seconds
+            finally:
+                for actor in [*actors, *committers]:
+                    ray.kill(actor)
+
+        # Rounds interleave the four measurements, so a drift in the machine's load hits all alike.
+        for r in range(cfg.warmup_rounds + cfg.rounds):
+            measured = {
+                "loop": one_core_encode_loop(paths, cfg.batch_size),
+                "bare": bare_decode_loop(paths, 336, variants),
+                "job": job("in", f"job-{r}", cfg.rows_per_shard)["this_run"]["seconds"],
+                "feed": feed(r),
+            }
+            if r >= cfg.warmup_rounds:
+                for k, t in measured.items():
+                    times[k].append(t)
     t_loop, t_bare, t_job, t_feed = (statistics.median(times[k]) for k in ("loop", "bare", "job", "feed"))
-    n = cfg.images
     out = {
         "cores": cores,
         "images": n,
