@@ -42,6 +42,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench.local_s3 import cpu_seconds
 from bench.pipeline import write_jpegs
 from jobs.cli import parse_config, setup_logging
 from pipelines.producer.images import DEFAULT_MAX_PIXELS, decode_image, expand_variants, make_variants, source_crops
@@ -99,16 +100,13 @@ def bare_decode_loop(paths: list[Path], size: int, variants: tuple[str, ...]) ->
 
 def _cpu_by_process() -> dict[int, tuple[str, float]]:
     """pid -> (command line, user + system CPU seconds) of every process (Linux ``/proc``)."""
-    tick, out = os.sysconf("SC_CLK_TCK"), {}
-    for pid in filter(str.isdigit, os.listdir("/proc")):
+    out = {}
+    for pid in map(int, filter(str.isdigit, os.listdir("/proc"))):
         try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            out[pid] = (cmd, cpu_seconds(pid))
         except OSError:  # gone meanwhile
             continue
-        out[int(pid)] = (cmd, (int(fields[11]) + int(fields[12])) / tick)
     return out
 
 

@@ -228,8 +228,8 @@ def start_workers(spec: TokenizerSpec, workers: int, gpus_per_worker: float, thr
     # decode tasks that feed them (a CPU actor reserving a slot could starve its own input on a
     # small machine). CPU actors are spread over nodes; GPU actors are placed by their GPUs.
     # So a CPU actor's torch threads share their cores with the decode tasks: OpenMP threads that
-    # spin while they wait (its default) take CPU from them, and on this design's oversubscribed
-    # cores a passive wait measured 8% more images/s (``tiny``, 1 actor x 2 threads, 2 cores). It
+    # spin while they wait (its default) take CPU from them; a passive wait gives more images/s on
+    # these oversubscribed cores (``python -m bench.cpu_actors`` measures both side by side). It
     # must be in the environment before torch loads, hence the actor's runtime environment; a value
     # the driver's environment sets is passed on instead.
     env = {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
