@@ -236,6 +236,17 @@ def test_follow_gives_up_on_a_job_that_stopped_committing(dataset):
     assert "no work item was committed" in outcome["error"] and "--follow-patience" in outcome["error"]
 
 
+def test_a_follower_never_reads_a_commit_record_still_being_written(dataset):
+    """A local committer writes ``.tmp-<id>-shard-N.json`` and renames it; a follower's listing
+    can catch it in between, with part of the record written or with the file already renamed."""
+    url, keys = dataset
+    manifest = json.loads((url / "manifest.json").read_text())
+    (url / "manifest.json").write_text(json.dumps({**manifest, "complete": False}))
+    (url / COMMITS / ".tmp-0f1e2d3c-shard-000099.json").write_text('{"shard": "shard-0000')
+    ds = TokenDataset(str(url), rank=0, world_size=1, follow=True)
+    assert sorted(s["key"] for s in ds) == sorted(keys)
+
+
 def test_follow_waits_on_as_long_as_commits_keep_coming(dataset):
     """Patience counts from the last new commit, not from the start: records arriving every 0.2 s
     for longer than the patience (0.5 s) in all keep the follower waiting until it has enough."""

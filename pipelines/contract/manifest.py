@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 
 from pipelines.contract.shards import FORMAT_VERSION, ShardRows, parquet_bytes, rejects_bytes, webdataset_bytes
-from pipelines.contract.storage import atomic_write, exists, filesystem, find, join, read_json, write_json
+from pipelines.contract.storage import atomic_write, exists, filesystem, find, is_temporary, join, read_json, write_json
 
 MANIFEST = "manifest.json"
 PLAN = "_state/plan.parquet"
@@ -57,11 +57,12 @@ def read_commit(fs, root: str, shard: str) -> dict | None:
 
 def load_commits(fs, root: str) -> dict[str, dict]:
     """Every commit record under ``root``: one fresh listing, then the records read in parallel
-    (on S3 each is a request; a resumed ImageNet-21k run has thousands)."""
+    (on S3 each is a request; a resumed ImageNet-21k run has thousands). A local committer's
+    file in progress is not a record: a follower lists the folder while the job writes to it."""
     folder = join(root, COMMITS)
     if not exists(fs, folder):
         return {}
-    paths = sorted(p for p in find(fs, folder) if p.endswith(".json"))
+    paths = sorted(p for p in find(fs, folder) if p.endswith(".json") and not is_temporary(p))
     with ThreadPoolExecutor(max_workers=16) as pool:
         records = list(pool.map(lambda p: read_json(fs, p, COMMIT_RECORD_BYTES), paths))
     return {rec["shard"]: rec for rec in records}

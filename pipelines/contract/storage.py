@@ -111,6 +111,12 @@ def find(fs: fsspec.AbstractFileSystem, path: str, **kwargs):
     return call(fs, "find", path, **kwargs)
 
 
+def is_temporary(path: str) -> bool:
+    """Whether ``path`` is a local writer's file in progress (see :func:`atomic_write`): a
+    listing taken while a writer works can hold one that is gone by the time it is read."""
+    return path.rstrip("/").rsplit("/", 1)[-1].startswith(TMP_PREFIX)
+
+
 def atomic_write(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     """Write ``data`` to ``path`` so that readers never observe a partial file, and return only
     once it is verifiably in place."""
@@ -297,7 +303,7 @@ def remove_stale_temporaries(fs: fsspec.AbstractFileSystem, root: str) -> int:
     """Delete temporary files a killed writer left behind (local filesystems only)."""
     if not is_local(fs) or not fs.exists(root):
         return 0
-    stale = [p for p in fs.find(root) if p.rsplit("/", 1)[-1].startswith(TMP_PREFIX)]
+    stale = [p for p in fs.find(root) if is_temporary(p)]
     for p in stale:
         fs.rm_file(p)
     return len(stale)
