@@ -23,7 +23,7 @@ demo: $(VENV)/.ready-test  ## photos -> WebDataset -> Ray tokenization (tiny) ->
 	$(PY) -m jobs.sample --gpt out/demo/gpt/step-00000030.pt --size GPT-tiny --config tiny --classes 0,1,2 --per-class 3 --out out/demo/samples.png
 
 test: $(VENV)/.ready-test  ## the default suite (what CI runs)
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow" --durations=20
 
 test-all: $(VENV)/.ready-test  ## every test, including the slow ones
 	$(PY) -m pytest -q
