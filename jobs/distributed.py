@@ -37,6 +37,24 @@ def mean_across(value: torch.Tensor, world: int) -> torch.Tensor:
     return value
 
 
+def from_rank0(value, world: int):
+    """Rank 0's ``value`` on every rank (any picklable object; other ranks pass None)."""
+    if world == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def merged_on_rank0(part: dict, world: int) -> dict | None:
+    """The union of every rank's ``part`` on rank 0; None elsewhere."""
+    if world == 1:
+        return part
+    parts = [None] * world if dist.get_rank() == 0 else None
+    dist.gather_object(part, parts, dst=0)
+    return {k: v for p in parts for k, v in p.items()} if parts else None
+
+
 def run_on_ray_train(loop: Callable[[], object], workers: int) -> None:
     """Run ``loop`` on ``workers`` Ray Train workers, which set up the process group that
     :func:`setup_distributed` joins (on GPUs when the cluster has one per worker); raises if a

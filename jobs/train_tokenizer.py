@@ -27,9 +27,9 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from jobs.cli import UsageError, storage_options
-from jobs.distributed import mean_across, run_on_ray_train, setup_distributed, trainer_main
+from jobs.distributed import from_rank0, mean_across, merged_on_rank0, run_on_ray_train, setup_distributed, trainer_main
 from pipelines.consumer.checkpoints import latest_step, load_latest, save_checkpoint
-from pipelines.producer.training_images import ImageIndex, NoUsableImages, TrainingImages, build_index, image_loader
+from pipelines.producer.training_images import ImageIndex, NoUsableImages, TrainingImages, count_samples, image_loader, plan_input
 from pipelines.consumer.recon_grid import save_grid
 from pipelines.contract.redact import redact, redact_url
 from pipelines.contract.storage import atomic_write, exists, filesystem, is_local, join, read_bytes
@@ -93,20 +93,32 @@ class TrainTokenizerConfig:
 
 
 def _index(cfg: TrainTokenizerConfig, so: dict, rank: int, world: int) -> ImageIndex:
-    """The run's input index: planned by rank 0 on the first start and stored in ``--out``; every
-    later start and every other rank reads the stored one, so the samples never change mid-run."""
+    """The run's input index: built on the first start and stored in ``--out``; every later start
+    reads the stored one, so the samples never change mid-run."""
     fs, root = filesystem(cfg.out, so)
     path = join(root, INDEX_FILE)
-    if rank == 0 and not exists(fs, path):
-        index = build_index(cfg.data, so, cfg.input_format, Columns(image=cfg.image_column))
-        atomic_write(fs, path, index.to_bytes())
-        log.info("indexed %s: %d %s items, %d samples", redact_url(cfg.data), len(index.counts), index.fmt, len(index))
-    if world > 1:
-        dist.barrier()
+    # Rank 0's answer for all: ranks that saw the store differently would wait on different collectives.
+    if not from_rank0(exists(fs, path) if rank == 0 else None, world):
+        index = _build_index(cfg, so, rank, world)
+        if rank == 0:
+            atomic_write(fs, path, index.to_bytes())
+            log.info("indexed %s: %d %s items, %d samples", redact_url(cfg.data), len(index.counts), index.fmt, len(index))
+        if world > 1:
+            dist.barrier()
     index = ImageIndex.from_bytes(read_bytes(fs, path))
     if index.url != cfg.data:
         raise UsageError(f"{redact_url(cfg.out)} was started on {redact_url(index.url)}, not {redact_url(cfg.data)}; use another --out")
     return index
+
+
+def _build_index(cfg: TrainTokenizerConfig, so: dict, rank: int, world: int) -> ImageIndex | None:
+    """Rank 0 lists the input; every rank counts the samples of its share of the files (a
+    WebDataset is read whole to count them), so the others wait at the collectives for the
+    listing plus 1/world of the reading, not for all of it. The index on rank 0, None elsewhere."""
+    listed = plan_input(cfg.data, so, cfg.input_format, Columns(image=cfg.image_column)) if rank == 0 else None
+    planned, fmt = from_rank0(listed, world)
+    counts = merged_on_rank0(count_samples(planned, fmt, so, rank, world, progress=rank == 0), world)
+    return ImageIndex.from_counts(planned, fmt, cfg.data, counts) if rank == 0 else None
 
 
 def _loss_networks(cfg: TrainTokenizerConfig, so: dict) -> tuple[LPIPS, DinoDiscriminator, bool]:

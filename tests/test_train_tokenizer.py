@@ -258,3 +258,55 @@ def test_the_first_log_line_after_a_resume_averages_the_steps_it_ran(photos, tmp
     train(_cfg(photos, tmp_path / "r", max_steps=4, ckpt_every=3, lr=1e-3, log_every=2, resume=True))
     # Step 4 is the resumed run's only step before its first line: that line is step 4 alone.
     assert _metrics(tmp_path / "r")[4]["reconstruction"] == pytest.approx(_metrics(tmp_path / "every")[4]["reconstruction"], rel=1e-6)
+
+
+def _index_on_rank(rank: int, init: str, inputs: list[str], outs: list[str], reads_file: str) -> None:
+    """``_index`` for each input on one of 2 gloo ranks, recording every file this rank read."""
+    import torch.distributed as dist
+
+    import pipelines.producer.training_images as images
+    from jobs.train_tokenizer import _index
+
+    reads: list[str] = []
+    read_item, row_group_rows = images.read_item, images._row_group_rows
+    images.read_item = lambda item, so: (reads.append(item.url), read_item(item, so))[1]
+    images._row_group_rows = lambda url, so: (reads.append(url), row_group_rows(url, so))[1]
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    for data, out in zip(inputs, outs):
+        _index(_cfg(Path(data), Path(out)), {}, rank, 2)
+        _index(_cfg(Path(data), Path(out)), {}, rank, 2)  # a restart reads the stored index, no input
+    Path(f"{reads_file}.{rank}").write_text(json.dumps(reads))
+    dist.destroy_process_group()
+
+
+def test_ranks_split_the_counting_of_tars_and_parquet_footers_and_store_the_one_process_index(tmp_path):
+    """A tar has to be read whole to count its samples: on one rank, ImageNet-21k's would outlast
+    the collectives' timeout the other ranks wait under. Each file is read once, by one rank."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import torch.multiprocessing as mp
+
+    from jobs.train_tokenizer import INDEX_FILE
+    from pipelines.producer.training_images import ImageIndex, build_index
+    from tests.pipeline_data import png_bytes, write_tar
+
+    samples = iter(range(100))
+    for t, n in enumerate([3, 1, 4, 2, 5]):
+        write_tar(tmp_path / "wds" / f"{t}.tar", [(f"s{s}", {"png": png_bytes(s, (8, 8)), "cls": b"0"}) for s in (next(samples) for _ in range(n))])
+    (tmp_path / "pq").mkdir()
+    for f, n in enumerate([5, 2, 7]):
+        keys = [f"p{f}-{i}" for i in range(n)]
+        table = pa.table({"key": keys, "image": [png_bytes(i, (8, 8)) for i in range(n)], "label": [0] * n})
+        pq.write_table(table, tmp_path / "pq" / f"{f}.parquet", row_group_size=3)
+    inputs = [str(tmp_path / "wds"), str(tmp_path / "pq")]
+    outs = [str(tmp_path / "out-wds"), str(tmp_path / "out-pq")]
+    mp.spawn(_index_on_rank, args=(f"file://{tmp_path / 'rdzv'}", inputs, outs, str(tmp_path / "reads")), nprocs=2)
+
+    reads = [json.loads((tmp_path / f"reads.{rank}").read_text()) for rank in range(2)]
+    files = sorted(str(p) for p in [*(tmp_path / "wds").iterdir(), *(tmp_path / "pq").iterdir()])
+    assert sorted(u.removeprefix("file://") for u in reads[0] + reads[1]) == files  # each once, restarts none
+    assert reads[0] and reads[1]
+    for data, out, counts in zip(inputs, outs, ([3, 1, 4, 2, 5], [3, 2, 2, 3, 3, 1])):
+        stored, alone = ImageIndex.from_bytes((Path(out) / INDEX_FILE).read_bytes()), build_index(data)
+        assert stored.counts.tolist() == alone.counts.tolist() == counts
+        assert stored.plan.table.equals(alone.plan.table) and (stored.fmt, stored.url) == (alone.fmt, data)

@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from tqdm import tqdm
 
 from pipelines.contract.order import EpochOrder, rank_positions
 from pipelines.contract.storage import filesystem, open_input
@@ -69,27 +70,59 @@ class ImageIndex:
         stored, meta = Plan.from_parquet(data)
         return ImageIndex(stored, np.asarray(meta["counts"], np.int64), meta["format"], meta["url"])
 
+    @staticmethod
+    def from_counts(planned: Plan, fmt: str, url: str, counts: Mapping[int, int]) -> "ImageIndex":
+        """The index of ``planned`` from the counts of every item (merged from all ranks' shares)."""
+        missing = [i for i in range(len(planned)) if i not in counts]
+        if missing:
+            raise ValueError(f"{len(missing)} of {len(planned)} items were not counted (first: {missing[0]})")
+        return ImageIndex(planned, np.asarray([counts[i] for i in range(len(planned))], np.int64), fmt, url)
+
+
+def plan_input(url: str, storage_options: Mapping | None = None, fmt: str | None = None,
+               columns: Columns = Columns()) -> tuple[Plan, str]:
+    """(the input's work items, its format): a listing, with no sample read."""
+    fmt = fmt or detect_format(url, storage_options)
+    return plan(url, fmt, ROWS_PER_ITEM, storage_options, columns), fmt
+
+
+def count_samples(planned: Plan, fmt: str, storage_options: Mapping | None = None, rank: int = 0, world: int = 1,
+                  progress: bool = False) -> dict[int, int]:
+    """{item: samples} for rank ``rank``'s share of the items, every input file read by one rank.
+
+    Folders and LMDB are counted from the plan. Parquet needs each file's footer, and a tar has no
+    table of contents, so a WebDataset is read whole: ImageNet-21k's 1.3 TB on one node would take
+    longer than the collectives' timeout the other ranks wait under, so the reading is split.
+    """
+    table = planned.table
+    if fmt == "folder":
+        counts = table.column("files").combine_chunks().value_lengths().to_pylist()
+        return {i: counts[i] for i in range(rank, len(counts), world)}
+    if fmt == "lmdb":
+        counts = [b - a for a, b in zip(table.column("start").to_pylist(), table.column("stop").to_pylist())]
+        return {i: counts[i] for i in range(rank, len(counts), world)}
+
+    def shown(results, total: int):
+        return tqdm(results, total=total, desc=f"count samples (rank {rank}'s share)", unit="file", disable=not progress,
+                    dynamic_ncols=True)
+
+    if fmt == "parquet":
+        urls, groups = table.column("url").to_pylist(), table.column("start").to_pylist()
+        files = sorted(set(urls))[rank::world]
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            rows = dict(zip(files, shown(pool.map(lambda u: _row_group_rows(u, storage_options), files), len(files))))
+        return {i: rows[u][g] for i, (u, g) in enumerate(zip(urls, groups)) if u in rows}
+    mine = range(rank, len(planned), world)
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        counts = list(shown(pool.map(lambda i: sum(1 for _ in read_item(planned[i], storage_options)), mine), len(mine)))
+    return dict(zip(mine, counts))
+
 
 def build_index(url: str, storage_options: Mapping | None = None, fmt: str | None = None,
                 columns: Columns = Columns()) -> ImageIndex:
-    """Plan ``url`` and count each item's samples: from the plan for folders and LMDB, from the
-    footers for Parquet, by reading each tar once for WebDataset (a tar has no table of contents)."""
-    fmt = fmt or detect_format(url, storage_options)
-    planned = plan(url, fmt, ROWS_PER_ITEM, storage_options, columns)
-    table = planned.table
-    if fmt == "folder":
-        counts = table.column("files").combine_chunks().value_lengths().to_numpy()
-    elif fmt == "lmdb":
-        counts = np.asarray(table.column("stop").to_numpy()) - np.asarray(table.column("start").to_numpy())
-    elif fmt == "parquet":
-        urls, groups = table.column("url").to_pylist(), table.column("start").to_pylist()
-        with ThreadPoolExecutor(max_workers=16) as pool:
-            rows = dict(zip(sorted(set(urls)), pool.map(lambda u: _row_group_rows(u, storage_options), sorted(set(urls)))))
-        counts = [rows[u][g] for u, g in zip(urls, groups)]
-    else:
-        with ThreadPoolExecutor(max_workers=8) as pool:
-            counts = list(pool.map(lambda i: sum(1 for _ in read_item(planned[i], storage_options)), range(len(planned))))
-    return ImageIndex(planned, np.asarray(counts, np.int64), fmt, url)
+    """Plan ``url`` and count each item's samples, in this one process."""
+    planned, fmt = plan_input(url, storage_options, fmt, columns)
+    return ImageIndex.from_counts(planned, fmt, url, count_samples(planned, fmt, storage_options))
 
 
 def _row_group_rows(url: str, storage_options) -> list[int]:
