@@ -2,6 +2,8 @@
 # then reuses it; editing pyproject.toml triggers a re-install.
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# Where `make demo` writes (a test runs the same recipe in a temporary folder).
+DEMO ?= out/demo
 export PYTHONWARNINGS ?= ignore::DeprecationWarning
 
 .PHONY: demo test test-all bench clean
@@ -14,13 +16,14 @@ $(VENV)/.ready-bench: pyproject.toml tools/bootstrap.sh
 	tools/bootstrap.sh $(VENV) test,bench
 	touch $@ $(VENV)/.ready-test
 
-demo: $(VENV)/.ready-test  ## photos -> WebDataset -> Ray tokenization (tiny) -> Parquet -> summary -> GPT-tiny training -> samples
-	$(PY) -m pipelines.producer.samples out/demo/photos
-	$(PY) -m jobs.tokenize --input out/demo/photos --output out/demo/tokens --variants center,flip --config tiny
-	$(PY) -m jobs.inspect out/demo/tokens --plot out/demo/usage.png
-	rm -rf out/demo/gpt
-	$(PY) -m jobs.train_gpt --data out/demo/tokens --out out/demo/gpt --size GPT-tiny --global-batch 4 --max-steps 30 --ckpt-every 30 --precision fp32
-	$(PY) -m jobs.sample --gpt out/demo/gpt/step-00000030.pt --size GPT-tiny --config tiny --classes 0,1,2 --per-class 3 --out out/demo/samples.png
+demo: $(VENV)/.ready-test  ## photos -> WebDataset -> Ray tokenization (tiny) -> Parquet -> summary -> GPT-tiny training -> export -> samples
+	$(PY) -m pipelines.producer.samples $(DEMO)/photos
+	$(PY) -m jobs.tokenize --input $(DEMO)/photos --output $(DEMO)/tokens --variants center,flip --config tiny --overwrite
+	$(PY) -m jobs.inspect $(DEMO)/tokens --plot $(DEMO)/usage.png
+	rm -rf $(DEMO)/gpt
+	$(PY) -m jobs.train_gpt --data $(DEMO)/tokens --out $(DEMO)/gpt --size GPT-tiny --global-batch 4 --max-steps 30 --ckpt-every 30 --precision fp32
+	$(PY) -m jobs.export_gpt --checkpoint $(DEMO)/gpt --out $(DEMO)/gpt-tiny.pt
+	$(PY) -m jobs.sample --gpt $(DEMO)/gpt-tiny.pt --size GPT-tiny --config tiny --classes 0,1,2 --per-class 3 --out $(DEMO)/samples.png
 
 test: $(VENV)/.ready-test  ## the default suite (what CI runs)
 	$(PY) -m pytest -q -m "not slow" --durations=20

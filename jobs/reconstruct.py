@@ -16,12 +16,13 @@ from pathlib import Path
 import fsspec
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from jobs.cli import parse_config, setup_logging
+from jobs.cli import UsageError, fail, parse_config, setup_logging
 from pipelines.producer.samples import bundled_photos
 from vfmtok_core import CONFIGS, VFMTokenizer
+from vfmtok_core.checkpoint import CheckpointError
 from vfmtok_core.preprocess import center_crop, to_tensor, to_uint8
 
 log = logging.getLogger("jobs.reconstruct")
@@ -47,9 +48,14 @@ def load_images(cfg: ReconstructConfig) -> list[tuple[str, Image.Image]]:
         return bundled_photos()
     out = []
     for url in cfg.images:
-        with fsspec.open(url, "rb") as f:
-            img = Image.open(f)
-            img.load()
+        try:
+            with fsspec.open(url, "rb") as f:
+                img = Image.open(f)
+                img.load()
+        except UnidentifiedImageError:
+            raise UsageError(f"{url} is not an image PIL can read") from None
+        except OSError as e:
+            raise UsageError(f"cannot read image {url}: {e.strerror or e}") from None
         out.append((Path(url).stem, img.convert("RGB")))
     return out
 
@@ -75,11 +81,11 @@ def side_by_side(originals: np.ndarray, recons: np.ndarray, pad: int = 4) -> Ima
 
 
 def run(cfg: ReconstructConfig) -> dict:
+    named = load_images(cfg)  # first: a missing image is reported before anything is built or written
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer(cfg)
     size = tok.config.image_size
-    named = load_images(cfg)
     names = [n for n, _ in named]
     crops = np.stack([np.asarray(center_crop(img, size)) for _, img in named])
     codes, recons = [], []
@@ -113,7 +119,11 @@ def run(cfg: ReconstructConfig) -> dict:
 
 def main(argv=None) -> None:
     setup_logging()
-    run(parse_config(ReconstructConfig, argv, description=__doc__))
+    cfg = parse_config(ReconstructConfig, argv, description=__doc__)
+    try:
+        run(cfg)
+    except (UsageError, CheckpointError, FileNotFoundError) as e:
+        fail(e)
 
 
 if __name__ == "__main__":

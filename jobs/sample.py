@@ -26,9 +26,10 @@ import torch
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from jobs.cli import parse_config, setup_logging
+from jobs.cli import UsageError, fail, parse_config, setup_logging
 from jobs.sample_npz import sample_npz
 from vfmtok_core import CONFIGS, VFMTokenizer
+from vfmtok_core.checkpoint import CheckpointError
 from vfmtok_core.generate import compiled_decode, generate
 from vfmtok_core.gpt import GPT, GPT_CONFIGS
 from vfmtok_core.preprocess import to_uint8
@@ -69,6 +70,7 @@ class SampleConfig:
 
 
 def build_models(cfg: SampleConfig) -> tuple[GPT, VFMTokenizer]:
+    gpt = GPT.from_pretrained(cfg.gpt, size=cfg.size) if cfg.gpt else None  # first: the file most likely mistyped
     if cfg.tokenizer:
         tok = VFMTokenizer.from_pretrained(
             tokenizer=cfg.tokenizer, dinov2=cfg.dinov2, config=cfg.config, decoder_only=cfg.dinov2 is None
@@ -77,15 +79,13 @@ def build_models(cfg: SampleConfig) -> tuple[GPT, VFMTokenizer]:
         log.warning("no --tokenizer: random %r decoder weights (seed %d)", cfg.config, cfg.seed)
         tok = VFMTokenizer.from_config(cfg.config, seed=cfg.seed)
     vocab = tok.config.quantizer.codebook_size
-    if cfg.gpt:
-        gpt = GPT.from_pretrained(cfg.gpt, size=cfg.size)
-    else:
+    if gpt is None:
         log.warning("no --gpt: random %s weights (seed %d)", cfg.size, cfg.seed)
         gpt = GPT.from_config(cfg.size, seed=cfg.seed, vocab_size=vocab)
     if gpt.config.vocab_size != vocab:
-        raise ValueError(f"GPT vocabulary {gpt.config.vocab_size} != tokenizer codebook {vocab}")
+        raise UsageError(f"GPT vocabulary {gpt.config.vocab_size} != tokenizer codebook {vocab}")
     if gpt.config.block_size != tok.config.tokens_per_image:
-        raise ValueError(f"GPT block size {gpt.config.block_size} != tokens per image {tok.config.tokens_per_image}")
+        raise UsageError(f"GPT block size {gpt.config.block_size} != tokens per image {tok.config.tokens_per_image}")
     dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
     return gpt.to(cfg.device, dtype), tok.to(cfg.device)
 
@@ -126,10 +126,13 @@ def run(cfg: SampleConfig) -> Path:
     if cfg.num > 0:
         return Path(sample_npz(cfg, build_models, GPT_CONFIGS[cfg.size].num_classes))
     gpt, tok = build_models(cfg)
-    classes = [int(c) for c in cfg.classes.split(",") if c.strip()]
+    try:
+        classes = [int(c) for c in cfg.classes.split(",") if c.strip()]
+    except ValueError:
+        raise UsageError(f"--classes takes comma-separated class ids, not {cfg.classes!r}") from None
     bad = [c for c in classes if not 0 <= c < gpt.config.num_classes]
     if bad:
-        raise ValueError(f"classes {bad} outside [0, {gpt.config.num_classes})")
+        raise UsageError(f"classes {bad} outside [0, {gpt.config.num_classes})")
     labels = torch.tensor(classes).repeat_interleave(cfg.per_class)
     images = sample_images(cfg, gpt, tok, labels)
     labelled_grid(images, labels.tolist(), cfg.per_class).save(out)
@@ -139,7 +142,11 @@ def run(cfg: SampleConfig) -> Path:
 
 def main(argv=None) -> None:
     setup_logging()
-    run(parse_config(SampleConfig, argv, description=__doc__))
+    cfg = parse_config(SampleConfig, argv, description=__doc__)
+    try:
+        run(cfg)
+    except (UsageError, CheckpointError, FileNotFoundError) as e:
+        fail(e)
 
 
 if __name__ == "__main__":

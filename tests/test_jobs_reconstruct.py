@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -32,3 +33,20 @@ def test_reconstruct_writes_grid_and_tokens(tmp_path):
     assert torch.equal(torch.from_numpy(tokens[:1].astype(np.int64)), expected)
     assert [e["name"] for e in on_disk["tokens"]] == ["cat", "cat"]
     assert on_disk["tokens"][1]["tokens"] == expected[0].tolist()
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("missing.png", None, "No such file or directory"),
+    ("notes.png", b"not an image", "is not an image PIL can read"),
+])
+def test_user_mistakes_are_one_line_and_exit_2(tmp_path, capsys, name, content, message):
+    from jobs.reconstruct import main
+
+    if content is not None:
+        (tmp_path / name).write_bytes(content)
+    with pytest.raises(SystemExit) as stopped:
+        main(["--images", str(tmp_path / name), "--out", str(tmp_path / "out")])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0] and str(tmp_path / name) in err[0]
+    assert not (tmp_path / "out").exists()

@@ -134,3 +134,21 @@ def test_a_killed_run_resumes_to_the_same_bytes(tmp_path):
     assert f"resuming: {kept} of 15 chunks already sampled" in done.stderr
     reference = run(SampleConfig(out=str(tmp_path / "ref.npz"), num=30, batch_size=2, seed=3, image_size=32, **paths))
     assert (tmp_path / "k.npz").read_bytes() == reference.read_bytes()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (dict(gpt="{tmp}/missing.pt"), "checkpoint not found"),
+    (dict(gpt="{tmp}"), "jobs.export_gpt"),  # a training run's folder, not an exported file
+    (dict(classes="1,x"), "comma-separated class ids"),
+    (dict(classes="1,1000"), "outside [0, 1000)"),
+])
+def test_user_mistakes_are_one_line_and_exit_2(tmp_path, capsys, extra, message):
+    from jobs.sample import main
+
+    paths = {**_checkpoints(tmp_path), **{k: v.format(tmp=tmp_path) for k, v in extra.items()}}
+    args = [f"--{k.replace('_', '-')}={v}" for k, v in paths.items()]
+    with pytest.raises(SystemExit) as stopped:
+        main([*args, "--image-size", "64", "--per-class", "1", "--out", str(tmp_path / "g.png")])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0] and err[0].startswith("error: ")

@@ -36,6 +36,11 @@ def read_bytes(url: str, storage_options: Mapping | None = None) -> bytes:
             return f.read()
     except FileNotFoundError as e:
         raise FileNotFoundError(f"checkpoint not found: {url}") from e
+    except IsADirectoryError as e:
+        raise CheckpointError(
+            f"{url} is a folder, not a checkpoint file (a GPT training run's folder? "
+            "`python -m jobs.export_gpt` writes its checkpoint as one file)"
+        ) from e
     except ImportError as e:  # e.g. hf:// without huggingface_hub installed
         raise CheckpointError(f"cannot open {url}: {e}") from e
 
