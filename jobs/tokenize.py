@@ -47,7 +47,7 @@ class TokenizeConfig:
     max_pixels: int = field(default=DEFAULT_MAX_PIXELS, metadata={"help": "reject larger images (bomb guard)"})
     precision: str = field(default="auto", metadata={"help": "tokenizer precision (auto: bf16 on CUDA, fp32 on CPU; tf32: fp32 with TF32 matmuls and convolutions on CUDA)", "choices": list(PRECISIONS)})
     storage_options: str = field(default="{}", metadata={"help": "fsspec options as JSON, or @FILE holding JSON (keeps keys off the command line)"})
-    overwrite: bool = field(default=False, metadata={"help": "delete an incompatible existing output"})
+    overwrite: bool = field(default=False, metadata={"help": "delete the existing output if it was written with other settings (tokenizer, variants, format, ...); one written with these is resumed"})
     image_column: str | None = field(default=None, metadata={"help": "Parquet input: the image column (default: found by name)"})
     label_column: str | None = field(default=None, metadata={"help": "Parquet input: the label column (default: found by name)"})
     key_column: str | None = field(default=None, metadata={"help": "Parquet input: the key column (default: found by name)"})

@@ -93,6 +93,11 @@ def test_other_tokenizer_or_variants_are_refused_unless_overwrite(tmp_path):
         _job(tmp_path / "in", out, variants="flip")
     summary = _job(tmp_path / "in", out, variants="flip", overwrite=True)
     assert summary["images"] == 2 and _manifest(out)["variants"] == ["flip"]
+    # Written with these settings: --overwrite resumes it (a restarted script keeps its work).
+    shards = {p: p.stat().st_mtime_ns for p in (out / "shards").iterdir()}
+    again = _job(tmp_path / "in", out, variants="flip", overwrite=True)
+    assert again["this_run"]["images"] == 0 and again["images"] == 2
+    assert {p: p.stat().st_mtime_ns for p in (out / "shards").iterdir()} == shards
 
 
 def test_webdataset_output_reads_back_with_webdataset(tmp_path):

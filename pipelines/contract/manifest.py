@@ -36,8 +36,13 @@ class IncompatibleOutput(RuntimeError):
     """The output folder was written with other settings (tokenizer, variants, ...)."""
 
 
+def incompatibilities(existing: dict, wanted: dict) -> list[str]:
+    """The settings in which ``existing`` (a manifest or a stored plan's identity) differs from ``wanted``."""
+    return [f"{k}: existing {existing.get(k)!r} vs now {wanted.get(k)!r}" for k in IDENTITY_KEYS if existing.get(k) != wanted.get(k)]
+
+
 def check_compatible(existing: dict, wanted: dict, where: str) -> None:
-    diffs = [f"{k}: existing {existing.get(k)!r} vs now {wanted.get(k)!r}" for k in IDENTITY_KEYS if existing.get(k) != wanted.get(k)]
+    diffs = incompatibilities(existing, wanted)
     if diffs:
         raise IncompatibleOutput(
             f"{where} was written with different settings ({'; '.join(diffs)}). "

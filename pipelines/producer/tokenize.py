@@ -24,6 +24,7 @@ from pipelines.contract.manifest import (
     IncompatibleOutput,
     build_manifest,
     check_compatible,
+    incompatibilities,
     load_commits,
     read_commit,
     write_manifest,
@@ -116,11 +117,18 @@ def _report_growth(growth: Growth | None) -> None:
                         len(names), what, ", ".join(names[:5]), " ..." if len(names) > 5 else "")
 
 
-def _clear(opts: TokenizeOptions) -> None:
+def _clear_if_incompatible(opts: TokenizeOptions, identity: dict, planned: Planned) -> bool:
+    """--overwrite: delete an output written with other settings (True); one written with these
+    is resumed like any other, so that a restart never throws away committed work."""
     fs, root = filesystem(opts.output, opts.storage_options)
-    if opts.overwrite and exists(fs, root):
-        log.warning("--overwrite: deleting %s", redact_url(opts.output))
-        remove(fs, root)
+    manifest = read_json(fs, join(root, MANIFEST)) if exists(fs, join(root, MANIFEST)) else None
+    diffs = [*(incompatibilities(manifest, identity) if manifest else []),
+             *(incompatibilities(planned.stored, identity) if planned.stored is not None else [])]
+    if not diffs:
+        return False
+    log.warning("--overwrite: deleting %s, written with other settings (%s)", redact_url(opts.output), "; ".join(sorted(set(diffs))))
+    remove(fs, root)
+    return True
 
 
 def _prepare_output(opts: TokenizeOptions, identity: dict, planned: Planned) -> None:
@@ -182,7 +190,6 @@ def run_tokenize(opts: TokenizeOptions) -> dict:
         input_format = opts.input_format or detect_format(opts.input, opts.storage_options)
         cpus = int(ray.cluster_resources().get("CPU", 1))
         threads = opts.threads or max(1, cpus // max(1, opts.workers))
-        _clear(opts)
         # The actors load their weights while the driver lists and plans the input; the tokenizer's
         # fingerprint (which decides whether an existing output may be extended) is asked after.
         actors = start_workers(opts.spec, opts.workers, opts.gpus_per_worker, threads, opts.batch_size)
@@ -191,6 +198,8 @@ def run_tokenize(opts: TokenizeOptions) -> dict:
             planned = _plan(opts, input_format)
             info = ray.get(actors[0].info.remote())
             identity = _identity(opts, info, input_format)
+            if opts.overwrite and _clear_if_incompatible(opts, identity, planned):
+                planned = _plan(opts, input_format)
             _prepare_output(opts, identity, planned)
             items = planned.plan
             fs, root = filesystem(opts.output, opts.storage_options)
