@@ -377,3 +377,26 @@ def test_tokenizer_actors_wait_passively_unless_the_driver_says_otherwise(ray_cl
     assert actor_environment()["OMP_WAIT_POLICY"] == "PASSIVE"
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
     assert actor_environment()["OMP_WAIT_POLICY"] == "ACTIVE"
+
+
+def test_a_missing_or_unusable_tokenizer_checkpoint_is_one_line_and_exit_2(tmp_path, capsys):
+    """Missing: found before Ray starts. Unusable (here: no backbone and no --dinov2): every actor
+    restart would fail the same way, so the job stops with the actor's reason, not Ray's traceback."""
+    import torch
+
+    from jobs.tokenize import main
+
+    write_folder(tmp_path / "in", classes=1, per_class=2)
+    args = ["--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--config", "tiny"]
+    with pytest.raises(SystemExit) as stopped:
+        main([*args, "--tokenizer", str(tmp_path / "missing.pt")])
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"error: --tokenizer {tmp_path / 'missing.pt'} does not exist"]
+
+    torch.save({"model": {"decoder.w": torch.zeros(2)}}, tmp_path / "decoder-only.pt")
+    with pytest.raises(SystemExit) as stopped:
+        main([*args, "--tokenizer", str(tmp_path / "decoder-only.pt")])
+    assert stopped.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("error: the tokenizer could not be built: ") and "holds no DINOv2 backbone weights" in last
+    assert not (tmp_path / "out" / "shards").exists()

@@ -248,6 +248,21 @@ def start_workers(spec: TokenizerSpec, workers: int, gpus_per_worker: float, thr
     ]
 
 
+def tokenizer_info(actor) -> dict:
+    """An actor's tokenizer facts (fingerprint, config, sizes). An actor that could not build its
+    tokenizer (a missing or unreadable checkpoint, one that does not fit ``--config``) would fail
+    the same way on every restart: the job stops at once with the reason, not Ray's traceback."""
+    import ray
+
+    try:
+        return ray.get(actor.info.remote())
+    except ray.exceptions.RayActorError as e:
+        if not e.actor_init_failed:
+            raise
+        reason = next((line.strip() for line in reversed(e.error_msg.splitlines()) if line.strip()), "unknown")
+        raise JobStopped(f"the tokenizer could not be built: {reason}") from None
+
+
 def start_committers() -> list:
     """One :class:`Committer` per node (restarted by Ray if its process dies; a call it was running
     is retried, and a commit is idempotent)."""

@@ -30,7 +30,7 @@ from pipelines.contract.manifest import (
     write_manifest,
 )
 from pipelines.producer.planning import Growth, Plan, extend, plan
-from pipelines.producer.ray_tokenize import CHUNK_BYTES, RunStats, run_items, start_committers, start_workers
+from pipelines.producer.ray_tokenize import CHUNK_BYTES, RunStats, run_items, start_committers, start_workers, tokenizer_info
 from pipelines.producer.worker import TokenizerSpec
 from pipelines.contract.shards import SHARD_FORMATS
 from pipelines.producer.sources import Columns, detect_format
@@ -196,7 +196,7 @@ def run_tokenize(opts: TokenizeOptions) -> dict:
         committers = start_committers()
         try:
             planned = _plan(opts, input_format)
-            info = ray.get(actors[0].info.remote())
+            info = tokenizer_info(actors[0])
             identity = _identity(opts, info, input_format)
             if opts.overwrite and _clear_if_incompatible(opts, identity, planned):
                 planned = _plan(opts, input_format)
