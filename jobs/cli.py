@@ -15,7 +15,8 @@ import typing
 from collections.abc import Sequence
 from typing import NoReturn, TypeVar
 
-from pipelines.contract.redact import install_log_filter, redact
+from pipelines.contract.redact import install_log_filter, redact, redact_url
+from pipelines.contract.storage import exists, filesystem
 
 T = TypeVar("T")
 
@@ -95,3 +96,18 @@ def storage_options(text: str) -> dict:
     if not isinstance(value, dict):
         raise UsageError(f"{source} must be a JSON object, not {type(value).__name__}")
     return value
+
+
+def require_files(storage: dict, *flags: tuple[str, str | None]) -> None:
+    """A :class:`UsageError` for the first (flag, URL) whose file is certainly not there, found
+    before the slow part of a job (Ray's start, indexing the input). A store this machine cannot
+    ask (no credentials here, a protocol without its package) is left to the loader's own error."""
+    for flag, url in flags:
+        if not url:
+            continue
+        try:
+            missing = not exists(*filesystem(url, storage))
+        except Exception:  # noqa: BLE001 - a pre-flight check only; loading reports the real error
+            missing = False
+        if missing:
+            raise UsageError(f"{flag} {redact_url(url)} does not exist")

@@ -12,12 +12,10 @@ import logging
 import sys
 from dataclasses import dataclass, field
 
-from jobs.cli import UsageError, fail, parse_config, setup_logging, storage_options
+from jobs.cli import UsageError, fail, parse_config, require_files, setup_logging, storage_options
 from pipelines.producer.images import DEFAULT_MAX_PIXELS, VARIANT_SETS
 from pipelines.producer.precision import PRECISIONS
 from pipelines.contract.manifest import IncompatibleOutput
-from pipelines.contract.redact import redact_url
-from pipelines.contract.storage import exists, filesystem
 from pipelines.ray_runtime import ray_session
 from pipelines.contract.shards import SHARD_FORMATS
 from pipelines.producer.ray_tokenize import CHUNK_BYTES, JobStopped
@@ -83,19 +81,8 @@ def check(cfg: TokenizeConfig) -> tuple[str, dict]:
     if not cfg.input or not cfg.output:
         raise UsageError("--input and --output are required")
     storage = storage_options(cfg.storage_options)
-    for flag, url in (("--tokenizer", cfg.tokenizer), ("--dinov2", cfg.dinov2)):
-        if url and _missing(url, storage):
-            raise UsageError(f"{flag} {redact_url(url)} does not exist")
+    require_files(storage, ("--tokenizer", cfg.tokenizer), ("--dinov2", cfg.dinov2))
     return cfg.input_format or detect_format(cfg.input, storage), storage
-
-
-def _missing(url: str, storage: dict) -> bool:
-    """Whether ``url`` is certainly not there; a store this machine cannot ask (no credentials, a
-    protocol without its package) is left to the actors, which report what they find."""
-    try:
-        return not exists(*filesystem(url, storage))
-    except Exception:  # noqa: BLE001 - a pre-flight check only; the actors' own error is the real one
-        return False
 
 
 def run(cfg: TokenizeConfig) -> dict:

@@ -22,13 +22,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from jobs.cli import UsageError, storage_options
+from jobs.cli import UsageError, require_files, storage_options
 from jobs.distributed import mean_across, run_on_ray_train, setup_distributed, trainer_main
 from pipelines.consumer.checkpoints import latest_step
 from pipelines.consumer.run_checkpoints import RunCheckpoints
 from pipelines.contract.redact import redact, redact_url
 from pipelines.contract.storage import filesystem, is_local, join
 from pipelines.consumer.streaming import DatasetIncomplete, DatasetMismatch, ShardError, TokenDataset, TokenLoader
+from vfmtok_core.checkpoint import CheckpointError
 from vfmtok_core.gpt import GPT, GPT_CONFIGS
 from vfmtok_core.training import EMA, Throughput, adamw, peak_tflops
 
@@ -174,11 +175,12 @@ def _check_labels(batch: dict, num_classes: int) -> None:
 def train(cfg: TrainConfig) -> dict:
     """The training loop (one call per rank); returns the last metrics on every rank."""
     if not cfg.data:
-        raise SystemExit("--data is required")
+        raise UsageError("--data is required")
     rank, world, device = setup_distributed()
     so = storage_options(cfg.storage_options)
+    require_files(so, ("--init", cfg.init))
     if cfg.global_batch % world:
-        raise SystemExit(f"--global-batch {cfg.global_batch} is not divisible by the world size {world}")
+        raise UsageError(f"--global-batch {cfg.global_batch} is not divisible by the world size {world}")
     per_rank = cfg.global_batch // world
     if cfg.grad_accum < 1 or per_rank % cfg.grad_accum:
         raise UsageError(f"--grad-accum {cfg.grad_accum} must divide the per-rank batch {per_rank} (--global-batch / world size)")
@@ -186,9 +188,9 @@ def train(cfg: TrainConfig) -> dict:
     checkpoints = RunCheckpoints(cfg.out, so, cfg.checkpoint_format, rank, world, cfg.async_checkpoint)
     ckpt = checkpoints.train_state()
     if ckpt is not None and not cfg.resume:
-        raise SystemExit(f"{redact_url(cfg.out)} already holds checkpoints; pass --resume to continue, or use another --out")
+        raise UsageError(f"{redact_url(cfg.out)} already holds checkpoints; pass --resume to continue, or use another --out")
     if ckpt is not None and ckpt["size"] != cfg.size:
-        raise SystemExit(f"the checkpoint in {redact_url(cfg.out)} is {ckpt['size']}, not {cfg.size}")
+        raise UsageError(f"the checkpoint in {redact_url(cfg.out)} is {ckpt['size']}, not {cfg.size}")
 
     ds = TokenDataset(
         cfg.data, seed=cfg.seed, rank=rank, world_size=world, storage_options=so, batch_size=per_rank,
@@ -312,7 +314,7 @@ def run_on_ray(cfg: TrainConfig) -> dict:
 
 
 def main(argv=None) -> None:
-    trainer_main(TrainConfig, train, run_on_ray, (UsageError, DatasetMismatch, DatasetIncomplete, ShardError, FileNotFoundError), argv, __doc__)
+    trainer_main(TrainConfig, train, run_on_ray, (UsageError, DatasetMismatch, DatasetIncomplete, ShardError, CheckpointError, FileNotFoundError), argv, __doc__)
 
 
 if __name__ == "__main__":

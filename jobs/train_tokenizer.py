@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from jobs.cli import UsageError, storage_options
+from jobs.cli import UsageError, require_files, storage_options
 from jobs.distributed import from_rank0, mean_across, merged_on_rank0, run_on_ray_train, setup_distributed, trainer_main
 from pipelines.consumer.checkpoints import latest_step, load_latest, save_checkpoint
 from pipelines.producer.training_images import ImageIndex, NoUsableImages, TrainingImages, count_samples, image_loader, plan_input
@@ -283,6 +283,7 @@ def train(cfg: TrainTokenizerConfig) -> dict:
     _check_flags(cfg)
     rank, world, device = setup_distributed()
     so = storage_options(cfg.storage_options)
+    require_files(so, *((f"--{f.replace('_', '-')}", getattr(cfg, f)) for f in ("dinov2", "init", "lpips_vgg16", "lpips_heads", "disc_dino")))
     if cfg.global_batch % world:
         raise UsageError(f"--global-batch {cfg.global_batch} is not divisible by the world size {world}")
     latest = latest_step(cfg.out, so)

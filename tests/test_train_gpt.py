@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from jobs.cli import UsageError
 from jobs.train_gpt import TrainConfig, train
 from pipelines.consumer.streaming import DatasetMismatch
 from tests.pipeline_data import make_token_dataset
@@ -63,7 +64,7 @@ def test_resume_repeats_the_uninterrupted_run(tmp_path, data):
 
 def test_existing_checkpoints_need_resume(tmp_path, data):
     train(TrainConfig(data=str(data), out=str(tmp_path / "o"), max_steps=1, **FAST))
-    with pytest.raises(SystemExit, match="--resume"):
+    with pytest.raises(UsageError, match="--resume"):
         train(TrainConfig(data=str(data), out=str(tmp_path / "o"), max_steps=2, **FAST))
 
 
@@ -357,7 +358,6 @@ def test_hsdp_two_replicas_of_two_shards_match_one_process(tmp_path, data):
 def test_init_starts_from_released_or_exported_weights(tmp_path, data):
     import torch
 
-    from jobs.cli import UsageError
     from jobs.export_gpt import ExportConfig, export
 
     common = dict(data=str(data), global_batch=8, log_every=1, precision="fp32", max_steps=1)
@@ -385,3 +385,26 @@ def test_unlabelled_samples_are_a_one_line_error(tmp_path, capsys):
               "--precision", "fp32", "--cache-dir", str(tmp_path / "cache")])
     err = capsys.readouterr().err
     assert stopped.value.code == 2 and "has label -1" in err and "needs a label" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("init, message", [
+    ("missing.pt", "--init {tmp}/missing.pt does not exist"),
+    ("other.pt", "GPT weights ({tmp}/other.pt) does not fit the model"),
+    (None, "already holds checkpoints; pass --resume"),
+])
+def test_user_mistakes_are_one_line_and_exit_2(tmp_path, capsys, init, message):
+    import torch
+
+    from jobs.train_gpt import main
+
+    make_token_dataset(tmp_path / "d", shards=2, rows=8)
+    torch.save({"model": {"unrelated.weight": torch.zeros(2)}}, tmp_path / "other.pt")
+    args = ["--data", str(tmp_path / "d"), "--out", str(tmp_path / "o"), "--global-batch", "4", "--max-steps", "1",
+            "--precision", "fp32", "--cache-dir", str(tmp_path / "cache"), *(["--init", str(tmp_path / init)] if init else [])]
+    if init is None:  # a run that checkpointed, started again without --resume
+        main(args)
+        capsys.readouterr()
+    with pytest.raises(SystemExit) as stopped:
+        main(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stopped.value.code == 2 and len(err) == 1 and err[0].startswith("error: ") and message.format(tmp=tmp_path) in err[0]

@@ -200,6 +200,7 @@ def test_init_starts_from_a_trained_tokenizer(trained, photos, tmp_path):
     (["--data", "/nonexistent/images"], "does not exist"),
     (["--data", "{photos}", "--init", "x.pt"], "--init needs --dinov2"),
     (["--data", "{photos}", "--lpips-vgg16", "vgg.pth"], "go together"),
+    (["--data", "{photos}", "--dinov2", "/nonexistent/dinov2.pth"], "--dinov2 /nonexistent/dinov2.pth does not exist"),
 ])
 def test_user_mistakes_are_one_line_and_exit_2(photos, tmp_path, args, message):
     done = _run(*[a.format(photos=photos) for a in args], "--out", str(tmp_path / "o"), "--max-steps", "1")
