@@ -204,6 +204,10 @@ def _committed(commits: Path) -> list[Path]:
     return [p for p in commits.iterdir() if not is_temporary(str(p))] if commits.exists() else []
 
 
+# The default suite kills the driver in tests/test_chaos.py (twice, locally, among actor kills) and
+# in tests/test_s3_resilience.py (at three points, on S3); this one, in `make test-all`, also checks
+# the rerun's count of the items it skipped.
+@pytest.mark.slow
 def test_driver_killed_and_rerun_gives_the_uninterrupted_output(tmp_path):
     _many_tars(tmp_path / "in", n_tars=30)
     cmd = [sys.executable, "-m", "jobs.tokenize", "--input", str(tmp_path / "in"), "--variants", "center,flip"]
