@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 
 from pipelines.contract.shards import FORMAT_VERSION, ShardRows, parquet_bytes, rejects_bytes, webdataset_bytes
@@ -36,18 +36,19 @@ class IncompatibleOutput(RuntimeError):
     """The output folder was written with other settings (tokenizer, variants, ...)."""
 
 
-def incompatibilities(existing: dict, wanted: dict) -> list[str]:
-    """The settings in which ``existing`` (a manifest or a stored plan's identity) differs from ``wanted``."""
-    return [f"{k}: existing {existing.get(k)!r} vs now {wanted.get(k)!r}" for k in IDENTITY_KEYS if existing.get(k) != wanted.get(k)]
+def incompatibilities(earlier: Iterable[dict], wanted: dict) -> list[str]:
+    """The settings in which the earlier records (the manifest, the stored plan's identity) differ
+    from ``wanted``, each once."""
+    return list(dict.fromkeys(
+        f"{k}: existing {e.get(k)!r} vs now {wanted.get(k)!r}" for k in IDENTITY_KEYS for e in earlier if e.get(k) != wanted.get(k)
+    ))
 
 
-def check_compatible(existing: dict, wanted: dict, where: str) -> None:
-    diffs = incompatibilities(existing, wanted)
-    if diffs:
-        raise IncompatibleOutput(
-            f"{where} was written with different settings ({'; '.join(diffs)}). "
-            "Use another output, or pass --overwrite to delete it and start over."
-        )
+def refusal(where: str, diffs: list[str]) -> IncompatibleOutput:
+    return IncompatibleOutput(
+        f"{where} was written with different settings ({'; '.join(diffs)}). "
+        "Use another output, or pass --overwrite to delete it and start over."
+    )
 
 
 def commit_path(root: str, shard: str) -> str:

@@ -23,10 +23,10 @@ from pipelines.contract.manifest import (
     PLAN,
     IncompatibleOutput,
     build_manifest,
-    check_compatible,
     incompatibilities,
     load_commits,
     read_commit,
+    refusal,
     write_manifest,
 )
 from pipelines.producer.planning import Growth, Plan, extend, plan
@@ -117,30 +117,30 @@ def _report_growth(growth: Growth | None) -> None:
                         len(names), what, ", ".join(names[:5]), " ..." if len(names) > 5 else "")
 
 
-def _clear_if_incompatible(opts: TokenizeOptions, identity: dict, planned: Planned) -> bool:
-    """--overwrite: delete an output written with other settings (True); one written with these
-    is resumed like any other, so that a restart never throws away committed work."""
+def _settle_existing(opts: TokenizeOptions, identity: dict, planned: Planned, input_format: str) -> Planned:
+    """An output written earlier with these settings is resumed; one written with other settings is
+    refused, or under --overwrite deleted and planned anew (so a restart of a script that always
+    passes it never throws away committed work). Returns the plan to run."""
     fs, root = filesystem(opts.output, opts.storage_options)
-    manifest = read_json(fs, join(root, MANIFEST)) if exists(fs, join(root, MANIFEST)) else None
-    diffs = [*(incompatibilities(manifest, identity) if manifest else []),
-             *(incompatibilities(planned.stored, identity) if planned.stored is not None else [])]
+    earlier = [read_json(fs, join(root, MANIFEST))] if exists(fs, join(root, MANIFEST)) else []
+    diffs = incompatibilities(earlier + ([planned.stored] if planned.stored is not None else []), identity)
     if not diffs:
-        return False
-    log.warning("--overwrite: deleting %s, written with other settings (%s)", redact_url(opts.output), "; ".join(sorted(set(diffs))))
+        return planned
+    if not opts.overwrite:
+        raise refusal(opts.output, diffs)
+    log.warning("--overwrite: deleting %s, written with other settings (%s)", redact_url(opts.output), "; ".join(diffs))
     remove(fs, root)
-    return True
+    return _plan(opts, input_format)
 
 
 def _prepare_output(opts: TokenizeOptions, identity: dict, planned: Planned) -> None:
-    """Check the existing output against ``identity`` and store the plan if it is new or grew."""
+    """Store the plan if it is new or grew (the output's settings are ``identity``'s, see
+    :func:`_settle_existing`)."""
     fs, root = filesystem(opts.output, opts.storage_options)
-    if exists(fs, join(root, MANIFEST)):
-        check_compatible(read_json(fs, join(root, MANIFEST)), identity, opts.output)
     removed = remove_stale_temporaries(fs, root)
     if removed:
         log.info("removed %d temporary files left by an interrupted run", removed)
     if planned.stored is not None:
-        check_compatible(planned.stored, identity, opts.output)
         log.info("resuming: %d work items planned earlier", len(planned.plan) - (planned.growth.new_items if planned.growth else 0))
         _report_growth(planned.growth)
         if not (planned.growth and planned.growth.new_items):
@@ -198,8 +198,7 @@ def run_tokenize(opts: TokenizeOptions) -> dict:
             planned = _plan(opts, input_format)
             info = tokenizer_info(actors[0])
             identity = _identity(opts, info, input_format)
-            if opts.overwrite and _clear_if_incompatible(opts, identity, planned):
-                planned = _plan(opts, input_format)
+            planned = _settle_existing(opts, identity, planned, input_format)
             _prepare_output(opts, identity, planned)
             items = planned.plan
             fs, root = filesystem(opts.output, opts.storage_options)
